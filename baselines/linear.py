@@ -1,0 +1,27 @@
+"""Linear probing: only the classification head trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from snell.registry import Calibration, TuningConfig, register_method
+from snell.wrap import freeze_all_but_head
+
+
+@dataclass(frozen=True)
+class LinearProbeConfig(TuningConfig):
+    """No options: the backbone is frozen, the head trains."""
+
+    def validate(self) -> None:
+        if not self.train_head:
+            raise ValueError("train_head=False leaves a linear probe with nothing to train; allowed: True")
+
+
+@register_method("linear", LinearProbeConfig, "linear probe: head only")
+def apply_linear(
+    model: nn.Module, cfg: LinearProbeConfig, calibration: Calibration = None
+) -> LinearProbeConfig:
+    freeze_all_but_head(model, True)
+    return cfg

@@ -1,0 +1,43 @@
+"""SNELL: sparse tuning with kernelized LoRA, and the one interface every tuning method implements.
+
+import timm, snell
+model = timm.create_model("vit_tiny_patch16_224", num_classes=10)
+snell.apply_method(model, snell.method_config("snell", rank=8, kernel="piecewise_linear", sparsity=0.9))
+"""
+
+from . import model as _snell_method  # noqa: F401  (registers "snell")
+from .adapter import adapter_size_bytes, count_trainable, load_adapter, save_adapter
+from .kernels import Kernel, build_kernel, list_kernels, register_kernel
+from .registry import (
+    TuningConfig,
+    apply_method,
+    config_fields,
+    config_from_dict,
+    list_methods,
+    method_config,
+    register_method,
+)
+from .sparsify import sparsify, threshold
+from .wrap import AdaptedLinear, merge
+
+__all__ = [
+    "AdaptedLinear",
+    "Kernel",
+    "TuningConfig",
+    "adapter_size_bytes",
+    "apply_method",
+    "build_kernel",
+    "config_fields",
+    "config_from_dict",
+    "count_trainable",
+    "list_kernels",
+    "list_methods",
+    "load_adapter",
+    "merge",
+    "method_config",
+    "register_kernel",
+    "register_method",
+    "save_adapter",
+    "sparsify",
+    "threshold",
+]

@@ -1,0 +1,56 @@
+"""SNELL's configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .kernels import check_kernel_name, check_kernel_options
+from .registry import TuningConfig
+from .sparsify import check_rule, check_sparsity
+from .wrap import DEFAULT_TARGETS
+
+
+def check_rank(rank: Any) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank={rank!r} must be an integer >= 1")
+
+
+def check_probability(name: str, value: Any) -> None:
+    if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
+        raise ValueError(f"{name}={value!r} must be a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SnellConfig(TuningConfig):
+    """Sparse tuning with kernelized LoRA (Shen et al., NeurIPS 2024).
+
+    rank: r of the factors A (in x r), B (out x r). kernel: a name from ``snell.list_kernels()``;
+    kernel_options go to its constructor. sparsity: fraction of dW's entries zeroed, in [0, 1)
+    (0 = kernelized LoRA without sparsification). rule: 'public' (default, as the published numbers),
+    'eq5' or 'hard'. targets: globs over module names. separate_qkv_thresholds: q, k and v of a fused
+    ``qkv`` compete separately. dropout / drop_path: on the branch input / output, as the public code.
+    train_cls_token: the public code trains the cls token too (ignored if the model has none).
+    """
+
+    rank: int = 8
+    kernel: str = "piecewise_linear"
+    kernel_options: dict[str, Any] = field(default_factory=dict)
+    sparsity: float = 0.9
+    rule: str = "public"
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    separate_qkv_thresholds: bool = True
+    dropout: float = 0.1
+    drop_path: float = 0.1
+    train_cls_token: bool = True
+
+    def validate(self) -> None:
+        check_rank(self.rank)
+        check_kernel_name(self.kernel)
+        check_kernel_options(self.kernel, self.kernel_options)
+        check_sparsity(self.sparsity)
+        check_rule(self.rule)
+        check_probability("dropout", self.dropout)
+        check_probability("drop_path", self.drop_path)
+        if not self.targets:
+            raise ValueError("targets must name at least one module pattern")

@@ -1,0 +1,221 @@
+"""Kernels that turn low-rank factors into a full-size update: dW[j, i] = kappa(A[i], B[j]).
+
+A kernel is a small ``nn.Module`` mapping factors ``a`` (in x r) and ``b`` (out x r) to ``dW`` (out x in).
+Nonlinear kernels are the point of SNELL: their dW has rank well above r, so a sparse mask on it still
+leaves a rich update. Adding a kernel means writing one class and decorating it with ``@register_kernel``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+_KERNELS: dict[str, type[Kernel]] = {}
+
+
+class Kernel(nn.Module):
+    """Base class: ``forward(a, b) -> dW`` with a: (in, r), b: (out, r), dW: (out, in)."""
+
+    name: str = ""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def register_kernel(name: str) -> Callable[[type[Kernel]], type[Kernel]]:
+    """Class decorator: make a kernel available by ``name`` in configs and ``build_kernel``."""
+
+    def deco(cls: type[Kernel]) -> type[Kernel]:
+        if name in _KERNELS:
+            raise ValueError(f"kernel {name!r} is already registered")
+        cls.name = name
+        _KERNELS[name] = cls
+        return cls
+
+    return deco
+
+
+def list_kernels() -> list[str]:
+    """Names of all registered kernels."""
+    return sorted(_KERNELS)
+
+
+def kernel_options(name: str) -> list[str]:
+    """The keyword options a kernel accepts (its constructor arguments besides ``rank``)."""
+    check_kernel_name(name)
+    params = inspect.signature(_KERNELS[name].__init__).parameters
+    return [p for p in params if p not in ("self", "rank")]
+
+
+def check_kernel_name(name: str) -> None:
+    if name not in _KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; allowed: {', '.join(list_kernels())}")
+
+
+def check_kernel_options(name: str, options: dict) -> None:
+    """Raise ValueError for options the kernel does not take, naming the allowed ones."""
+    allowed = kernel_options(name)
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise ValueError(
+            f"unknown option(s) {bad} for kernel {name!r}; allowed: {', '.join(allowed) or '(none)'}"
+        )
+
+
+def build_kernel(name: str, rank: int, **options) -> Kernel:
+    """Instantiate a registered kernel for factors of the given rank."""
+    check_kernel_options(name, options)
+    return _KERNELS[name](rank, **options)
+
+
+def _coefficient(values: Sequence[float] | float, learnable: bool) -> Tensor | nn.Parameter:
+    t = torch.as_tensor(values, dtype=torch.float32)
+    return nn.Parameter(t) if learnable else t
+
+
+class _ScaledKernel(Kernel):
+    """kappa = alpha * f(a, b) + gamma, with alpha/gamma fixed buffers or learnable parameters."""
+
+    def __init__(self, rank: int, alpha: float, beta: float, gamma: float, learnable: bool) -> None:
+        super().__init__(rank)
+        self.beta = beta
+        for key, value in (("alpha", alpha), ("gamma", gamma)):
+            coef = _coefficient(value, learnable)
+            if learnable:
+                self.register_parameter(key, coef)
+            else:
+                self.register_buffer(key, coef, persistent=False)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.alpha * self.shape(a, b) + self.gamma
+
+    def shape(self, a: Tensor, b: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@register_kernel("linear")
+class LinearKernel(Kernel):
+    """kappa(a, b) = a.b: plain LoRA, rank(dW) <= r."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return b @ a.T
+
+
+@register_kernel("piecewise_linear")
+class PiecewiseLinearKernel(Kernel):
+    """kappa(a, b) = sum_p c_p ||a_p - b_p||_2 over P equal slices of the r dims (SNELL's default).
+
+    Coefficients default to (+0.1, -0.1, +0.1, ...) and are fixed, as in the public code;
+    ``learnable=True`` makes them trainable parameters.
+    """
+
+    def __init__(
+        self, rank: int, pieces: int = 2, coefficients: Sequence[float] | None = None, learnable: bool = False
+    ) -> None:
+        super().__init__(rank)
+        if pieces < 1 or rank % pieces:
+            raise ValueError(f"pieces={pieces} must be >= 1 and divide rank={rank}")
+        coefficients = coefficients or [0.1 * (-1) ** p for p in range(pieces)]
+        if len(coefficients) != pieces:
+            raise ValueError(f"coefficients has {len(coefficients)} values; pieces={pieces} needs that many")
+        self.pieces = pieces
+        coef = _coefficient(list(coefficients), learnable)
+        if learnable:
+            self.coefficients = coef
+        else:
+            self.register_buffer("coefficients", coef, persistent=False)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        p = self.pieces
+        a_p = a.reshape(a.shape[0], p, -1).transpose(0, 1)  # (P, in, r/P)
+        b_p = b.reshape(b.shape[0], p, -1).transpose(0, 1)  # (P, out, r/P)
+        dist = torch.cdist(b_p, a_p)  # (P, out, in)
+        return torch.einsum("p,poi->oi", self.coefficients.to(dist.dtype), dist)
+
+
+@register_kernel("polynomial")
+class PolynomialKernel(_ScaledKernel):
+    """kappa(a, b) = alpha * ((a.b + c)^d - c^d) + gamma: rank grows like r^d, zero for orthogonal a, b."""
+
+    def __init__(
+        self,
+        rank: int,
+        degree: int = 2,
+        offset: float = 1.0,
+        alpha: float = 0.1,
+        gamma: float = 0.0,
+        learnable: bool = False,
+    ) -> None:
+        super().__init__(rank, alpha, 1.0, gamma, learnable)
+        if degree < 1:
+            raise ValueError(f"degree={degree} must be >= 1")
+        self.degree, self.offset = degree, offset
+
+    def shape(self, a: Tensor, b: Tensor) -> Tensor:
+        return (b @ a.T + self.offset) ** self.degree - self.offset**self.degree
+
+
+@register_kernel("sigmoid")
+class SigmoidKernel(_ScaledKernel):
+    """kappa(a, b) = alpha * sigmoid(beta * a.b) + gamma; gamma = -alpha/2 centres it at 0."""
+
+    def __init__(
+        self, rank: int, alpha: float = 0.1, beta: float = 1.0, gamma: float = -0.05, learnable: bool = False
+    ) -> None:
+        super().__init__(rank, alpha, beta, gamma, learnable)
+
+    def shape(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.sigmoid(self.beta * (b @ a.T))
+
+
+@register_kernel("rbf")
+class RBFKernel(_ScaledKernel):
+    """kappa(a, b) = alpha * exp(-beta * ||a - b||_2^2) + gamma (Gaussian kernel)."""
+
+    def __init__(
+        self, rank: int, alpha: float = 0.1, beta: float = 1.0, gamma: float = 0.0, learnable: bool = False
+    ) -> None:
+        super().__init__(rank, alpha, beta, gamma, learnable)
+
+    def shape(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.exp(-self.beta * torch.cdist(b, a).square())
+
+
+@register_kernel("laplacian")
+class LaplacianKernel(_ScaledKernel):
+    """kappa(a, b) = alpha * exp(-beta * ||a - b||_1) + gamma (as sklearn's laplacian_kernel)."""
+
+    def __init__(
+        self, rank: int, alpha: float = 0.1, beta: float = 1.0, gamma: float = 0.0, learnable: bool = False
+    ) -> None:
+        super().__init__(rank, alpha, beta, gamma, learnable)
+
+    def shape(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.exp(-self.beta * torch.cdist(b, a, p=1.0))
+
+
+@register_kernel("mixture")
+class MixtureKernel(Kernel):
+    """A learnable convex mixture of other kernels: kappa = sum_k softmax(w)_k kappa_k (w starts uniform)."""
+
+    def __init__(
+        self, rank: int, components: Sequence[str] = ("linear", "piecewise_linear", "polynomial", "rbf")
+    ) -> None:
+        super().__init__(rank)
+        for name in components:
+            check_kernel_name(name)
+            if name == "mixture":
+                raise ValueError("a mixture cannot contain 'mixture'")
+        self.components = nn.ModuleList(build_kernel(name, rank) for name in components)
+        self.logits = nn.Parameter(torch.zeros(len(components)))
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        weights = torch.softmax(self.logits, 0)
+        return sum(w * k(a, b) for w, k in zip(weights, self.components, strict=True))

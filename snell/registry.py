@@ -1,0 +1,126 @@
+"""The one tuning-method interface: a frozen config dataclass per method plus an ``apply`` function.
+
+Every method (SNELL here, the baselines in ``baselines/``) registers ``name -> (config class, apply)``.
+``apply(model, config, calibration)`` validates everything first, then modifies the model in place
+(freezes what it does not tune, adds its trainables) and returns the config to record: usually the
+one it got, or a resolved one (SPT records the entries it selected so ``load_adapter`` can rebuild it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+Calibration = Iterable[Any] | None
+ApplyFn = Callable[[nn.Module, "TuningConfig", Calibration], "TuningConfig"]
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """Base of every method's config. Subclasses add fields and check values in ``validate``."""
+
+    method: ClassVar[str] = ""
+    train_head: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming a bad value and what is allowed (model-independent checks)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with the method name, the inverse of ``config_from_dict``."""
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config_cls: type[TuningConfig]
+    apply: ApplyFn
+    description: str
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, config_cls: type[TuningConfig], description: str = "") -> Callable:
+    """Decorator for a method's apply function: ``@register_method("lora", LoraConfig)``."""
+
+    def deco(fn: ApplyFn) -> ApplyFn:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        config_cls.method = name
+        _METHODS[name] = MethodSpec(name, config_cls, fn, description or (fn.__doc__ or "").split("\n")[0])
+        return fn
+
+    return deco
+
+
+def _load_builtin_methods() -> None:
+    # The reference baselines ship beside the library and register themselves on import.
+    import baselines  # noqa: F401
+
+
+def list_methods() -> list[str]:
+    """Names of all registered tuning methods."""
+    _load_builtin_methods()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registered spec for ``name``; ValueError naming the allowed names otherwise."""
+    allowed = list_methods()
+    if name not in _METHODS:
+        hint = difflib.get_close_matches(str(name), allowed, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(f"unknown method {name!r}{did_you_mean}; allowed: {', '.join(allowed)}")
+    return _METHODS[name]
+
+
+def config_fields(name: str) -> list[str]:
+    """The options ``method_config(name, ...)`` accepts."""
+    return [f.name for f in dataclasses.fields(get_method(name).config_cls)]
+
+
+def method_config(name: str, **options: Any) -> TuningConfig:
+    """Build and validate a method's config; unknown options raise ValueError naming the allowed ones."""
+    spec = get_method(name)
+    allowed = config_fields(name)
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        hints = [h for b in bad for h in difflib.get_close_matches(b, allowed, n=1)]
+        did_you_mean = f" (did you mean {', '.join(map(repr, hints))}?)" if hints else ""
+        raise ValueError(
+            f"unknown option(s) {bad} for method {name!r}{did_you_mean}; allowed: {', '.join(allowed)}"
+        )
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return spec.config_cls(**options)
+
+
+def config_from_dict(data: dict[str, Any]) -> TuningConfig:
+    """Inverse of ``TuningConfig.to_dict``."""
+    data = dict(data)
+    if "method" not in data:
+        raise ValueError(f"config dict has no 'method' key: {sorted(data)}")
+    return method_config(data.pop("method"), **data)
+
+
+def apply_method(model: nn.Module, config: TuningConfig, calibration: Calibration = None) -> nn.Module:
+    """Apply a tuning method to ``model`` in place and return it.
+
+    Bad input raises ValueError before the model is touched. The applied (possibly resolved) config is
+    kept as ``model.tuning_config`` for ``save_adapter``.
+    """
+    if not isinstance(config, TuningConfig):
+        raise TypeError(f"config must come from snell.method_config(...), got {type(config).__name__}")
+    if getattr(model, "tuning_config", None) is not None:
+        raise ValueError(f"model already has method {model.tuning_config.method!r} applied")
+    spec = get_method(config.method)
+    model.tuning_config = spec.apply(model, config, calibration)
+    return model

@@ -1,0 +1,102 @@
+"""Find target linear layers by name pattern, wrap them with an adapter, and merge adapters back.
+
+Shared by every method that adapts ``nn.Linear`` layers (LoRA, SNELL, SPT's structured part).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_TARGETS = ("*attn.qkv", "*attn.q", "*attn.k", "*attn.v", "*attn.proj", "*mlp.fc1", "*mlp.fc2")
+"""q, k, v (timm fuses them into ``qkv``), attention proj, fc1 and fc2 of every block."""
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen ``nn.Linear`` (``self.base``) plus a trainable update defined by ``delta_weight``."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        base.requires_grad_(False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta_weight(self) -> Tensor:
+        """The update added to ``base.weight`` at inference (out x in)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the update folded in: no inference overhead."""
+        base = self.base
+        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        out.to(device=base.weight.device, dtype=base.weight.dtype)
+        out.weight.copy_(base.weight + self.delta_weight().to(base.weight.dtype))
+        if base.bias is not None:
+            out.bias.copy_(base.bias)
+        return out
+
+
+def find_linear_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Names of ``nn.Linear`` modules matching any glob in ``patterns``.
+
+    A default pattern may match nothing (timm models name q/k/v differently); a pattern the user gave
+    that matches nothing is almost always a typo, so ``apply`` functions check that via
+    ``check_patterns_match``.
+    """
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return [n for n in linears if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def check_patterns_match(model: nn.Module, patterns: Sequence[str], *, defaults_may_miss: bool) -> list[str]:
+    """Targets for ``patterns``; ValueError if none match, or if a non-default pattern matches nothing."""
+    names = find_linear_targets(model, patterns)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in linears)]
+    if not names or (unmatched and not defaults_may_miss):
+        shown = ", ".join(linears[:8]) + (" ..." if len(linears) > 8 else "")
+        raise ValueError(
+            f"target pattern(s) {unmatched or list(patterns)} match no nn.Linear module; "
+            f"linear modules of this model include: {shown or '(none)'}"
+        )
+    return names
+
+
+def replace_modules(model: nn.Module, names: Sequence[str], factory: Callable[[str, nn.Module], nn.Module]):
+    """Replace each named submodule by ``factory(name, module)``."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, factory(name, getattr(parent, child)))
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its frozen weight, replacing it by a plain ``nn.Linear``. In place."""
+    names = [n for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+    replace_modules(model, names, lambda _, m: m.merged())
+    return model
+
+
+def freeze_all_but_head(model: nn.Module, train_head: bool) -> None:
+    """Freeze every parameter, then unfreeze the classifier (timm's ``get_classifier``) if asked."""
+    head = classifier(model) if train_head else None
+    model.requires_grad_(False)
+    if head is not None:
+        head.requires_grad_(True)
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The model's classification head, as timm exposes it."""
+    if not hasattr(model, "get_classifier"):
+        raise ValueError(f"{type(model).__name__} has no get_classifier(); pass train_head=False")
+    return model.get_classifier()

@@ -1,0 +1,133 @@
+"""The public interface: methods, configs, apply, counts, merge, adapters, bad input."""
+
+import copy
+
+import pytest
+import torch
+
+import snell
+from tests.conftest import make_tiny_vit
+
+ADAPTER_METHODS = ["lora", "snell"]
+
+
+def test_required_methods_registered():
+    assert {"full", "linear", "lora", "spt-lora", "snell", "bitfit"} <= set(snell.list_methods())
+
+
+def test_snell_config_round_trips_through_dict():
+    cfg = snell.method_config("snell", rank=16, kernel="rbf", kernel_options={"beta": 2.0}, sparsity=0.5)
+    assert snell.config_from_dict(cfg.to_dict()) == cfg
+
+
+def targets_of(model):
+    return [m for m in model.modules() if isinstance(m, snell.AdaptedLinear)]
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+@pytest.mark.parametrize("rank", [2, 8])
+def test_trainable_counts_match_formula(method, rank):
+    model = make_tiny_vit()
+    head = sum(p.numel() for p in model.get_classifier().parameters())
+    cls = model.cls_token.numel()
+    snell.apply_method(model, snell.method_config(method, rank=rank))
+    layers = targets_of(model)
+    assert len(layers) == 2 * 4  # qkv, proj, fc1, fc2 in each of 2 blocks
+    expected = sum(rank * (m.in_features + m.out_features) for m in layers) + head + cls
+    assert snell.count_trainable(model) == expected
+
+
+def test_full_and_linear_counts():
+    full, linear = make_tiny_vit(), make_tiny_vit()
+    total = sum(p.numel() for p in full.parameters())
+    snell.apply_method(full, snell.method_config("full"))
+    snell.apply_method(linear, snell.method_config("linear"))
+    assert snell.count_trainable(full) == total
+    assert snell.count_trainable(linear) == sum(p.numel() for p in linear.head.parameters())
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_merge_leaves_outputs_unchanged(method, images):
+    model = make_tiny_vit()
+    snell.apply_method(model, snell.method_config(method, rank=4))
+    with torch.no_grad():  # move LoRA's zero-initialised B away from zero
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    before = model(images)
+    snell.merge(model)
+    assert not targets_of(model)
+    assert (model(images) - before).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS + ["full", "linear", "bitfit"])
+def test_adapter_round_trip(method, images, tmp_path):
+    model = make_tiny_vit(seed=0)
+    snell.apply_method(model, snell.method_config(method))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    snell.save_adapter(model, tmp_path / "adapter")
+    fresh = snell.load_adapter(make_tiny_vit(seed=0), tmp_path / "adapter")
+    model.eval(), fresh.eval()
+    assert torch.equal(model(images), fresh(images))
+    assert fresh.tuning_config == model.tuning_config
+
+
+def test_state_dict_holds_no_index_or_mask(tiny_vit):
+    reference = set(make_tiny_vit().state_dict())
+    snell.apply_method(tiny_vit, snell.method_config("snell", sparsity=0.9))
+    extra = {
+        k for k in tiny_vit.state_dict() if not k.endswith(".base.weight") and not k.endswith(".base.bias")
+    }
+    extra -= reference
+    assert extra and all(k.endswith(("lora_A", "lora_B")) for k in extra), extra
+    assert not any(b.dtype == torch.bool or not b.is_floating_point() for b in tiny_vit.buffers())
+
+
+@pytest.mark.parametrize("s", [0.5, 0.9, 0.99])
+def test_applied_update_has_the_requested_sparsity(s, tiny_vit):
+    snell.apply_method(
+        tiny_vit, snell.method_config("snell", rank=4, sparsity=s, separate_qkv_thresholds=False)
+    )
+    for layer in targets_of(tiny_vit):
+        update = layer.delta_weight()
+        assert abs((update == 0).float().mean().item() - s) <= 1 / update.numel() + 1e-9
+
+
+BAD_INPUTS = [
+    (("snell",), {"rank": 0}, "rank=0 must be an integer >= 1"),
+    (("lora",), {"rank": 64}, r"rank=64 exceeds min\(in, out\)=32"),
+    (("snell",), {"sparsity": 1.0}, r"sparsity=1.0 must be a number in \[0, 1\)"),
+    (("snell",), {"sparsity": -0.1}, r"sparsity=-0.1 must be a number in \[0, 1\)"),
+    (("snell",), {"kernel": "gauss"}, "unknown kernel 'gauss'; allowed: .*piecewise_linear"),
+    (("snell",), {"rule": "soft"}, "unknown sparsification rule 'soft'; allowed: public, eq5, hard"),
+    (("snell",), {"ranks": 8}, r"unknown option\(s\) \['ranks'\].*did you mean 'rank'"),
+    (("snel",), {}, "unknown method 'snel' \\(did you mean 'snell'\\?\\); allowed: "),
+    (("snell",), {"targets": ("*attn.qkvv",)}, r"target pattern\(s\) \['\*attn.qkvv'\] match no nn.Linear"),
+    (("spt-lora",), {}, "calibration"),
+]
+
+
+@pytest.mark.parametrize("args,options,message", BAD_INPUTS)
+def test_bad_input_raises_clear_error_and_leaves_model_untouched(args, options, message):
+    model = make_tiny_vit()
+    before = copy.deepcopy(model.state_dict())
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        snell.apply_method(model, snell.method_config(*args, **options))
+    assert [p.requires_grad for p in model.parameters()] == flags
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert getattr(model, "tuning_config", None) is None
+
+
+def test_corrupt_adapter_names_the_file(tmp_path, tiny_vit):
+    snell.apply_method(tiny_vit, snell.method_config("lora"))
+    path = snell.save_adapter(tiny_vit, tmp_path / "a")
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(ValueError, match="adapter_model.safetensors"):
+        snell.load_adapter(make_tiny_vit(), path)
