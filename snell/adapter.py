@@ -75,7 +75,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"adapter {weights_file} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"adapter {weights_file} does not fit this model: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     with torch.no_grad():
         model.load_state_dict(tensors, strict=False)

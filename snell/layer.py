@@ -45,9 +45,9 @@ class KernelSparseLinearFn(torch.autograd.Function):
         x, weight, a, b, t, *kernel_params = ctx.saved_tensors
         layer: SnellLinear = ctx.layer
         needs = ctx.needs_input_grad
-        leaves = [
-            p.detach().requires_grad_(n) for p, n in zip((a, b, *kernel_params), needs[3:5] + needs[6:])
-        ]
+        wants_grad = needs[3:5] + needs[6:]  # a, b, then the kernel's parameters
+        inputs = (a, b, *kernel_params)
+        leaves = [p.detach().requires_grad_(n) for p, n in zip(inputs, wants_grad, strict=True)]
         with torch.enable_grad():
             update = apply_rule(layer.kernel_update(leaves[0], leaves[1], leaves[2:]), t, layer.rule)
         g = grad_out.reshape(-1, grad_out.shape[-1])
