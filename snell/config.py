@@ -31,6 +31,8 @@ class SnellConfig(TuningConfig):
     'eq5' or 'hard'. targets: globs over module names. separate_qkv_thresholds: q, k and v of a fused
     ``qkv`` compete separately. dropout / drop_path: on the branch input / output, as the public code.
     train_cls_token: the public code trains the cls token too (ignored if the model has none).
+    recompute: True (default) keeps no out x in tensor for backward; False runs plain autograd on
+    W0 + S(dW), which keeps dW and its intermediates alive (the ablation that shows what the trick saves).
     """
 
     rank: int = 8
@@ -43,6 +45,7 @@ class SnellConfig(TuningConfig):
     dropout: float = 0.1
     drop_path: float = 0.1
     train_cls_token: bool = True
+    recompute: bool = True
 
     def validate(self) -> None:
         check_rank(self.rank)

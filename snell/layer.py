@@ -85,9 +85,11 @@ class SnellLinear(AdaptedLinear):
         groups: int = 1,
         dropout: float = 0.0,
         drop_path: float = 0.0,
+        recompute: bool = True,
     ) -> None:
         super().__init__(base)
         self.rank, self.sparsity, self.rule, self.groups = rank, sparsity, rule, groups
+        self.recompute = recompute
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(base.in_features, rank, **factory))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, **factory))
@@ -110,18 +112,20 @@ class SnellLinear(AdaptedLinear):
         return apply_rule(dw, threshold(dw, self.sparsity, self.groups), self.rule)
 
     def forward(self, x: Tensor) -> Tensor:
-        params = [p for _, p in self.kernel.named_parameters()]
         branch_regularised = self.training and not (
             isinstance(self.dropout, nn.Identity) and isinstance(self.drop_path, nn.Identity)
         )
         if not branch_regularised:
-            return KernelSparseLinearFn.apply(
-                x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self, *params
-            )
-        branch = KernelSparseLinearFn.apply(
-            self.dropout(x), None, None, self.lora_A, self.lora_B, self, *params
-        )
-        return self.base(x) + self.drop_path(branch)
+            return self._linear(x, self.base.weight, self.base.bias)
+        return self.base(x) + self.drop_path(self._linear(self.dropout(x), None, None))
+
+    def _linear(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """F.linear(x, weight + S(dW), bias), with the memory trick unless ``recompute`` is off."""
+        if not self.recompute:
+            update = self.delta_weight()
+            return F.linear(x, update if weight is None else weight + update, bias)
+        params = [p for _, p in self.kernel.named_parameters()]
+        return KernelSparseLinearFn.apply(x, weight, bias, self.lora_A, self.lora_B, self, *params)
 
     def extra_repr(self) -> str:
         return (

@@ -53,6 +53,7 @@ def apply_snell(model: nn.Module, cfg: SnellConfig, calibration: Calibration = N
             threshold_groups(name, layer, cfg.separate_qkv_thresholds),
             cfg.dropout,
             cfg.drop_path,
+            cfg.recompute,
         ),
     )
     return cfg

@@ -112,3 +112,12 @@ def test_bfloat16_autocast_runs():
         out = layer(torch.randn(4, 48))
     out.float().sum().backward()
     assert torch.isfinite(layer.lora_A.grad).all()
+
+
+def test_recompute_off_matches_and_keeps_the_update_alive():
+    layer = make_layer(groups=3)
+    layer.recompute = False
+    x = torch.randn(4, 48, requires_grad=True)
+    torch.testing.assert_close(layer(x), reference_forward(layer, x))
+    shapes = [s for s, _ in saved_tensor_shapes(layer, x)]
+    assert shapes.count((96, 48)) > 1  # dW and its intermediates, beyond the base weight
