@@ -6,7 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "sweep": ("bench.sweep", "run a sweep file (YAML): train, measure and record every run, then report"),
+    "sweep": ("bench.runner", "run a sweep file (YAML): train, measure and record every run, then report"),
     "report": ("bench.report", "rebuild tables and figures from existing records"),
     "pretrain": ("bench.pretrain", "pretrain the embedded ViT backbone on MNIST (the committed asset)"),
     "memory": ("bench.memory", "estimate the peak memory of one training step without allocating it"),

@@ -1,5 +1,7 @@
 """The SNELL layer: equivalence with plain autograd, what backward keeps, groups, dtypes."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,5 +121,6 @@ def test_recompute_off_matches_and_keeps_the_update_alive():
     layer.recompute = False
     x = torch.randn(4, 48, requires_grad=True)
     torch.testing.assert_close(layer(x), reference_forward(layer, x))
-    shapes = [s for s, _ in saved_tensor_shapes(layer, x)]
-    assert shapes.count((96, 48)) > 1  # dW and its intermediates, beyond the base weight
+    weight_ptr = layer.base.weight.untyped_storage().data_ptr()
+    full_size = [s for s, p in saved_tensor_shapes(layer, x) if math.prod(s) >= 96 * 48 and p != weight_ptr]
+    assert full_size  # dW and its intermediates stay alive for backward

@@ -1,0 +1,3 @@
+"""Reference tuning methods, registered in snell's method registry on import."""
+
+from . import bitfit, full, linear, lora, spt  # noqa: F401

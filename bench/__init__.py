@@ -1,0 +1,1 @@
+"""Benchmark suite: SNELL vs LoRA, SPT and full fine-tuning on ViTs."""

@@ -1,0 +1,150 @@
+"""Backbones: the embedded MNIST ViT (a timm model with committed weights) and offline checkpoint loading.
+
+Importing this module registers `vit_mnist_patch7_28` with timm, whose pretrained weights are the local
+file `bench/assets/vit_mnist_patch7_28.safetensors` (made by `python -m bench pretrain`), so
+`timm.create_model("vit_mnist_patch7_28", pretrained=True, num_classes=k)` works offline and gives a
+fresh k-way head. Other timm models load a user-supplied local checkpoint; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+from timm.models import build_model_with_cfg, generate_default_cfgs, load_state_dict, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
+
+from bench.data.embedded import IMG_SIZE, MNIST_MEAN, MNIST_STD
+
+EMBEDDED_BACKBONE = "vit_mnist_patch7_28"
+EMBEDDED_WEIGHTS = Path(__file__).parent / "assets" / f"{EMBEDDED_BACKBONE}.safetensors"
+
+# State-dict entries that are not part of a classification backbone: classifier heads (always
+# re-initialised for the downstream task), MoCo v3's momentum encoder and predictor, MAE's decoder.
+_NON_BACKBONE_PREFIXES = ("head.", "head_dist.", "momentum_encoder.", "predictor.", "decoder", "mask_token")
+_MOCO_PREFIX = "base_encoder."  # after timm has stripped DDP's "module."
+_SHOW_KEYS = 5
+
+default_cfgs = generate_default_cfgs(
+    {
+        f"{EMBEDDED_BACKBONE}.mnist5k": {
+            "file": str(EMBEDDED_WEIGHTS),
+            "num_classes": 10,
+            "input_size": (1, IMG_SIZE, IMG_SIZE),
+            "mean": (MNIST_MEAN,),
+            "std": (MNIST_STD,),
+            "crop_pct": 1.0,
+            "interpolation": "bilinear",
+            "fixed_input_size": True,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        }
+    }
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read, or whose weights do not fit the model."""
+
+
+@register_model
+def vit_mnist_patch7_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT for 28x28 greyscale digits: 7x7 patches (16 tokens), width 128, depth 6, 4 heads (~1.2M params)."""
+    model_args = dict(img_size=IMG_SIZE, patch_size=7, in_chans=1, embed_dim=128, depth=6, num_heads=4)
+    return build_model_with_cfg(
+        VisionTransformer,
+        EMBEDDED_BACKBONE,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **dict(model_args, **kwargs),
+    )
+
+
+def create_backbone(
+    name: str,
+    num_classes: int,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = True,
+    **timm_kwargs,
+) -> nn.Module:
+    """timm model `name` with a fresh `num_classes` head, offline.
+
+    With `checkpoint`, that local file is loaded (any name; see `load_checkpoint`). Without it,
+    `pretrained=True` loads the committed asset for the embedded backbone and is an error for any
+    other name; `pretrained=False` gives random init.
+    """
+    if checkpoint is None and pretrained:
+        if name != EMBEDDED_BACKBONE:
+            raise ValueError(
+                f"pretrained {name!r} needs a local checkpoint file (checkpoint=...: .npz, .pth, .pth.tar or "
+                ".safetensors); this benchmark runs offline and never downloads weights"
+            )
+        if not EMBEDDED_WEIGHTS.is_file():
+            raise FileNotFoundError(
+                f"{EMBEDDED_WEIGHTS} is missing; create it with `python -m bench pretrain`"
+            )
+    model = timm.create_model(
+        name, pretrained=checkpoint is None and pretrained, num_classes=num_classes, **timm_kwargs
+    )
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load backbone weights from a local file into `model`, leaving its classifier head as initialised.
+
+    `.npz`: Google's ViT format (e.g. ViT-B_16.npz), via timm's VisionTransformer loader.
+    Anything else: a torch or safetensors state dict, bare or under "model" (MAE) or "state_dict"
+    (MoCo v3, whose "module.base_encoder." prefix is stripped); heads, MoCo's momentum encoder and
+    predictor, and MAE's decoder are dropped, then timm's ViT filter adapts patch/position embeddings.
+    Raises FileNotFoundError for a missing file and CheckpointError for an unreadable file or for
+    missing/unexpected/mis-shaped weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".npz":
+        _load_npz(model, path)
+    else:
+        _load_state_dict(model, path)
+
+
+def _arch(model: nn.Module) -> str:
+    return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+
+
+def _load_npz(model: nn.Module, path: Path) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise CheckpointError(f"{path}: .npz checkpoints need a timm VisionTransformer, not {_arch(model)}")
+    try:
+        model.load_pretrained(str(path))
+    except KeyError as e:
+        raise CheckpointError(f"{path} does not fit {_arch(model)}: missing array {e}") from e
+    except Exception as e:  # unreadable archive, wrong shapes: name the file whatever numpy/torch raised
+        raise CheckpointError(f"could not load {path} into {_arch(model)}: {e}") from e
+
+
+def _load_state_dict(model: nn.Module, path: Path) -> None:
+    try:
+        state_dict = load_state_dict(str(path))  # unwraps "state_dict"/"model", strips "module."
+    except Exception as e:  # truncated or not a checkpoint at all
+        raise CheckpointError(f"could not read checkpoint {path}: {e}") from e
+    if any(k.startswith(_MOCO_PREFIX) for k in state_dict):
+        state_dict = {
+            k.removeprefix(_MOCO_PREFIX): v for k, v in state_dict.items() if k.startswith(_MOCO_PREFIX)
+        }
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_NON_BACKBONE_PREFIXES)}
+    if isinstance(model, VisionTransformer):
+        state_dict = checkpoint_filter_fn(state_dict, model)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"{path} does not fit {_arch(model)}: {e}") from e
+    missing = [k for k in missing if not k.startswith(_NON_BACKBONE_PREFIXES)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not fit {_arch(model)}: {len(missing)} missing keys {missing[:_SHOW_KEYS]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:_SHOW_KEYS]}"
+        )

@@ -1,0 +1,104 @@
+"""One run of the benchmark: task x method (with options) x training settings x seed.
+
+A ``RunConfig`` is frozen and JSON-serialisable; its ``run_id`` is readable and carries a hash of the
+full config, so a finished run is recognised on disk whatever the sweep file that asked for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+EMBEDDED_BACKBONE = "vit_mnist_patch7_28"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings (the paper's: AdamW, cosine with warmup, batch 32, lr 1e-3, wd 1e-4)."""
+
+    backbone: str = EMBEDDED_BACKBONE
+    checkpoint: str | None = None
+    pretrained: bool = True
+    data_root: str | None = None
+    protocol: str = "paper"
+    img_size: int | None = None
+    epochs: int = 10
+    warmup_epochs: float = 1.0
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+
+    def validate(self) -> list[str]:
+        """Problems with these settings, as messages naming the bad value (empty if fine)."""
+        problems = []
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name}={value!r} must be an integer >= 1")
+        for name in ("lr", "weight_decay", "warmup_epochs", "label_smoothing"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value < 0:
+                problems.append(f"{name}={value!r} must be a number >= 0")
+        if isinstance(self.lr, int | float) and self.lr == 0:
+            problems.append("lr=0 trains nothing; use a positive learning rate")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            problems.append(f"device={self.device!r}; allowed: auto, cpu, cuda, cuda:N")
+        if self.protocol not in ("paper", "tune"):
+            problems.append(f"protocol={self.protocol!r}; allowed: paper, tune")
+        return problems
+
+
+TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str
+    method: str
+    seed: int
+    method_options: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return cls(**{**data, "train": TrainConfig(**data["train"])})
+
+    @property
+    def label(self) -> str:
+        """A short human name for the method with its options, e.g. ``snell-8 piecewise_linear s=0.9``."""
+        return method_label(self.method, self.method_options)
+
+    @property
+    def run_id(self) -> str:
+        digest = hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{self.task}-{self.label}")
+        return f"{slug}-seed{self.seed}-{digest}"
+
+
+LABEL_HIDDEN = {"calibration_batches"}
+"""Options that change how a method is set up but not what it is: left out of row names."""
+
+
+def method_label(method: str, options: dict[str, Any]) -> str:
+    """Readable name of a method and its options, e.g. ``snell-8 piecewise_linear s=0.9`` (row names)."""
+    import snell
+
+    resolved = snell.method_config(method, **options).to_dict()
+    rank = resolved.get("rank")
+    parts = [f"{method}-{rank}" if rank is not None else method]
+    if method == "snell":
+        parts += [resolved["kernel"], f"s={resolved['sparsity']}"]
+    shown = {"rank", "kernel", "sparsity"} | LABEL_HIDDEN
+    parts += [f"{k}={v}" for k, v in sorted(options.items()) if k not in shown]
+    return " ".join(parts)

@@ -1,0 +1,119 @@
+"""One JSON record per run, written atomically, plus claim files so concurrent sweeps never collide.
+
+Layout: ``<results>/records/<run_id>.json`` (finished, whatever the status) and
+``<results>/records/<run_id>.claim`` (a run in progress: host, pid, start time). A record is written
+to a temporary file, fsynced, then renamed over the final name, so a kill at any moment leaves either
+no record or a whole one. A claim whose process is gone (same host, dead pid) is stale and retaken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "diverged", "oom", "error")
+REQUIRED_KEYS = ("schema", "run_id", "status", "error", "label", "config", "metrics", "provenance")
+
+
+class RecordError(ValueError):
+    """A record file that is corrupt, truncated or not in the expected schema."""
+
+
+def records_dir(results: str | Path) -> Path:
+    return Path(results) / "records"
+
+
+def record_path(results: str | Path, run_id: str) -> Path:
+    return records_dir(results) / f"{run_id}.json"
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Atomically write ``record`` as JSON to ``path`` (temp file in the same folder + rename)."""
+    check_record(record, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True, allow_nan=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_record(record: dict[str, Any], path: Path) -> None:
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise RecordError(f"record {path} lacks key(s) {missing}; a record has {list(REQUIRED_KEYS)}")
+    if record["status"] not in STATUSES:
+        raise RecordError(f"record {path} has status {record['status']!r}; allowed: {', '.join(STATUSES)}")
+    if record["schema"] != SCHEMA_VERSION:
+        raise RecordError(f"record {path} has schema {record['schema']!r}; this code reads {SCHEMA_VERSION}")
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """Load and check one record; a corrupt or truncated file raises RecordError naming it."""
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RecordError(f"corrupt record file {path}: {err}; delete it to rerun that run") from err
+    if not isinstance(record, dict):
+        raise RecordError(f"corrupt record file {path}: not a JSON object")
+    check_record(record, path)
+    return record
+
+
+def load_records(results: str | Path) -> list[dict[str, Any]]:
+    """Every record under ``<results>/records``, sorted by run id."""
+    return [read_record(p) for p in sorted(records_dir(results).glob("*.json"))]
+
+
+def _claim_path(results: str | Path, run_id: str) -> Path:
+    return records_dir(results) / f"{run_id}.claim"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(path: Path) -> bool:
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return True  # a claim killed while being written
+    return owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1)))
+
+
+def try_claim(results: str | Path, run_id: str) -> bool:
+    """Claim a run for this process; False if another live process holds it."""
+    path = _claim_path(results, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not _is_stale(path):
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": dt.datetime.now().isoformat()}
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+        return True
+    return False
+
+
+def release_claim(results: str | Path, run_id: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        _claim_path(results, run_id).unlink()

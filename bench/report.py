@@ -1,0 +1,176 @@
+"""Records -> one pandas table -> summary.csv, Markdown tables in the paper's form, and figures.
+
+Everything here is derived from ``<results>/records/*.json``; ``python -m bench report`` rebuilds it
+without training. Failed runs stay visible: a cell with no successful seed shows its status
+("OOM", "diverged", "error"), never a blank or a zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from bench.records import load_records
+
+TASK_COLUMN_ORDER = ("digits", "rotation", "texture")
+FAILED_LABEL = {"oom": "OOM", "diverged": "diverged", "error": "error"}
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per run: config, resolved method options, metrics, status and provenance."""
+    rows = []
+    for r in records:
+        method_cfg = r.get("method_config") or {
+            **r["config"]["method_options"],
+            "method": r["config"]["method"],
+        }
+        metrics = r["metrics"]
+        rows.append({
+            "run_id": r["run_id"],
+            "label": r["label"],
+            "task": r["config"]["task"],
+            "method": r["config"]["method"],
+            "seed": r["config"]["seed"],
+            "kernel": method_cfg.get("kernel"),
+            "rank": method_cfg.get("rank"),
+            "sparsity": method_cfg.get("sparsity"),
+            "status": r["status"],
+            "error": r["error"],
+            "val_acc": metrics.get("val_acc"),
+            "test_acc": metrics.get("test_acc"),
+            "trainable_params": metrics.get("trainable_params"),
+            "adapter_bytes": metrics.get("adapter_bytes"),
+            "peak_memory_mib": metrics.get("peak_memory_mib"),
+            "step_time_s": metrics.get("step_time_s"),
+            "images_per_s": metrics.get("images_per_s"),
+            "wall_time_s": metrics.get("wall_time_s"),
+            "update_rank": metrics.get("update_rank"),
+            "device": r["provenance"].get("device"),
+            "git_commit": r["provenance"].get("git_commit"),
+        })  # fmt: skip
+    return pd.DataFrame(rows).astype({"rank": "Int64"})
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (label, task): accuracy mean/std over successful seeds, cost means, and failure counts."""
+    ok = df[df.status == "ok"]
+    stats = ok.groupby(["label", "task"]).agg(
+        test_mean=("test_acc", "mean"),
+        test_std=("test_acc", "std"),
+        val_mean=("val_acc", "mean"),
+        seeds_ok=("seed", "count"),
+        trainable_params=("trainable_params", "mean"),
+        adapter_bytes=("adapter_bytes", "mean"),
+        peak_memory_mib=("peak_memory_mib", "mean"),
+        step_time_s=("step_time_s", "median"),
+    )
+    keys = df.groupby(["label", "task"]).agg(
+        method=("method", "first"),
+        kernel=("kernel", "first"),
+        rank=("rank", "first"),
+        sparsity=("sparsity", "first"),
+        runs=("seed", "count"),
+        failures=("status", lambda s: ", ".join(sorted(s[s != "ok"]))),
+    )
+    return keys.join(stats).reset_index()
+
+
+def _cell(row: pd.Series) -> str:
+    if row.seeds_ok == 0 or pd.isna(row.test_mean):
+        return " / ".join(dict.fromkeys(FAILED_LABEL[s] for s in row.failures.split(", ")))
+    text = f"{row.test_mean:.1f}" + (f" ± {row.test_std:.1f}" if row.seeds_ok > 1 else "")
+    if row.failures:
+        text += f" ({row.failures})"
+    return text
+
+
+def _task_order(tasks) -> list[str]:
+    known = [t for t in TASK_COLUMN_ORDER if t in set(tasks)]
+    return known + sorted(set(tasks) - set(known))
+
+
+def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The paper's table: method x task (test top-1, mean ± std over seeds), mean, params, memory, time."""
+    summary = summary.assign(seeds_ok=summary.seeds_ok.fillna(0), cell=summary.apply(_cell, axis=1))
+    tasks = _task_order(summary.task)
+    table = summary.pivot(index="label", columns="task", values="cell")[tasks]
+    means = summary.pivot(index="label", columns="task", values="test_mean")[tasks]
+    table["mean"] = means.mean(axis=1, skipna=False).map(lambda v: "—" if pd.isna(v) else f"{v:.1f}")
+    costs = summary.groupby("label").agg(
+        params=("trainable_params", "mean"), mem=("peak_memory_mib", "mean"), step=("step_time_s", "median")
+    )
+    table["trainable params"] = costs.params.map(lambda v: "—" if pd.isna(v) else f"{v / 1e3:.1f}K")
+    table["peak memory (MiB)"] = costs.mem.map(lambda v: "—" if pd.isna(v) else f"{v:.1f}")
+    table["step (ms)"] = costs.step.map(lambda v: "—" if pd.isna(v) else f"{1e3 * v:.0f}")
+    order = means.mean(axis=1).sort_values(ascending=False).index
+    return table.loc[list(order)].rename_axis("method")
+
+
+def snell_rows(summary: pd.DataFrame, **fixed) -> pd.DataFrame:
+    """SNELL rows whose resolved options equal ``fixed`` (e.g. rank=8, sparsity=0.9)."""
+    rows = summary[summary.method == "snell"]
+    for key, value in fixed.items():
+        rows = rows[rows[key] == value]
+    return rows
+
+
+def ablation_table(summary: pd.DataFrame, index: str, **fixed) -> pd.DataFrame:
+    """Test accuracy of SNELL against one option (kernel, sparsity, rank), other options fixed."""
+    rows = snell_rows(summary, **fixed)
+    if rows.empty:
+        return pd.DataFrame()
+    rows = rows.assign(seeds_ok=rows.seeds_ok.fillna(0), cell=rows.apply(_cell, axis=1))
+    columns = [index] if index == "kernel" else ["kernel", index]
+    table = rows.pivot_table(index=columns, columns="task", values="cell", aggfunc="first")
+    table = table[_task_order(rows.task)]
+    table["mean"] = rows.pivot_table(index=columns, columns="task", values="test_mean").mean(axis=1).round(1)
+    return table
+
+
+def write_markdown(tables: dict[str, pd.DataFrame], path: Path, header: str) -> None:
+    parts = [header]
+    for title, table in tables.items():
+        if not table.empty:
+            parts += [f"## {title}", "", table.reset_index().to_markdown(index=False), ""]
+    path.write_text("\n".join(parts))
+
+
+def build_report(results: str | Path) -> pd.DataFrame:
+    """Write summary.csv, runs.csv, tables/*.md and figures/*.png under ``results``; returns the summary."""
+    from bench.plots import draw_all
+
+    results = Path(results)
+    df = records_frame(load_records(results))
+    if df.empty:
+        raise SystemExit(f"no records under {results / 'records'}; run a sweep first")
+    summary = summarise(df)
+    (results / "tables").mkdir(parents=True, exist_ok=True)
+    df.to_csv(results / "runs.csv", index=False)
+    summary.to_csv(results / "summary.csv", index=False)
+    devices = ", ".join(sorted(df.device.dropna().unique()))
+    commits = ", ".join(sorted({c[:10] for c in df.git_commit.dropna()}))
+    n_ok = (df.status == "ok").sum()
+    header = (
+        f"# Results\n\n{len(df)} runs ({n_ok} ok); device: {devices}; commit(s): {commits}.\n"
+        "Test top-1 (%), mean ± std over seeds; peak memory is the tensor-level peak of one training step.\n"
+    )
+    tables = {
+        "Methods x tasks": accuracy_table(summary),
+        "Kernels (rank 8, sparsity 0.9)": ablation_table(summary, "kernel", rank=8, sparsity=0.9),
+        "Sparsity per kernel (rank 8)": ablation_table(summary, "sparsity", rank=8),
+        "Rank (piecewise_linear, sparsity 0.9)": ablation_table(
+            summary, "rank", sparsity=0.9, kernel="piecewise_linear"
+        ),
+    }
+    write_markdown(tables, results / "tables" / "results.md", header)
+    draw_all(df, results / "figures")
+    print(f"report: {results / 'summary.csv'}, {results / 'tables' / 'results.md'}, {results / 'figures'}/")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bench report", description=__doc__.split("\n")[0])
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    build_report(parser.parse_args(argv).results)

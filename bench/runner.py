@@ -1,0 +1,152 @@
+"""Run a sweep: skip what is recorded, claim, train, record every outcome (ok or failure), go on."""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.config import RunConfig
+from bench.provenance import provenance
+from bench.records import SCHEMA_VERSION, read_record, record_path, release_claim, try_claim, write_record
+from bench.sweep import SweepError, load_sweep
+from bench.train import DivergedError, resolve_device, train_run
+
+
+def failure_status(err: BaseException) -> str:
+    """Map an exception to a record status: diverged, oom or error."""
+    if isinstance(err, DivergedError):
+        return "diverged"
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return "oom"
+    return "error"
+
+
+def execute_run(run: RunConfig, results: str | Path, progress: bool = True) -> dict:
+    """Train one run and write its record, whatever happens; returns the record."""
+    record = {
+        "schema": SCHEMA_VERSION,
+        "run_id": run.run_id,
+        "label": run.label,
+        "config": run.to_dict(),
+        "provenance": provenance(resolve_device_or_cpu(run)),
+        "status": "ok",
+        "error": None,
+        "metrics": {},
+        "method_config": None,
+    }
+    try:
+        record.update(train_run(run, progress=progress))
+    except Exception as err:  # noqa: BLE001 - every failure is recorded, then the sweep goes on
+        record["status"] = failure_status(err)
+        record["error"] = f"{type(err).__name__}: {err}"
+        record["traceback"] = traceback.format_exc(limit=-6)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    write_record(record_path(results, run.run_id), record)
+    return record
+
+
+def resolve_device_or_cpu(run: RunConfig) -> torch.device:
+    try:
+        return resolve_device(run.train.device)
+    except ValueError:
+        return torch.device("cpu")
+
+
+def is_finished(run: RunConfig, results: str | Path, retry_failed: bool) -> bool:
+    path = record_path(results, run.run_id)
+    if not path.exists():
+        return False
+    return not retry_failed or read_record(path)["status"] == "ok"
+
+
+def claim_and_execute(run_data: dict, results: str, threads: int, progress: bool) -> tuple[str, str]:
+    """Worker entry point: (run_id, status), status 'skipped' if another process holds the run."""
+    torch.set_num_threads(threads)
+    run = RunConfig.from_dict(run_data)
+    if not try_claim(results, run.run_id):
+        return run.run_id, "skipped"
+    try:
+        return run.run_id, execute_run(run, results, progress)["status"]
+    finally:
+        release_claim(results, run.run_id)
+
+
+def run_sweep(
+    runs: list[RunConfig],
+    results: str | Path,
+    workers: int = 1,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Run every unfinished run; returns run_id -> status for those attempted in this call.
+
+    ``workers`` > 1 runs that many processes with ``cpu_count // workers`` torch threads each;
+    ``workers`` = 1 runs in this process (what tests use to inject failures).
+    """
+    todo = [r for r in runs if not is_finished(r, results, retry_failed)]
+    print(f"{len(runs)} runs in the sweep, {len(runs) - len(todo)} already recorded, {len(todo)} to run")
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    statuses: dict[str, str] = {}
+    bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress)
+    if workers <= 1:
+        for run in todo:
+            run_id, status = claim_and_execute(run.to_dict(), str(results), threads, progress)
+            statuses[run_id] = status
+            bar.update()
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [
+                pool.submit(claim_and_execute, r.to_dict(), str(results), threads, False) for r in todo
+            ]
+            for future in as_completed(futures):
+                run_id, status = future.result()
+                statuses[run_id] = status
+                bar.update()
+                bar.set_postfix_str(f"last: {status}")
+    bar.close()
+    failed = {k: v for k, v in statuses.items() if v not in ("ok", "skipped")}
+    if failed:
+        print(
+            f"{len(failed)} run(s) failed and were recorded as such: "
+            + ", ".join(sorted(set(failed.values())))
+        )
+    return statuses
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="bench sweep", description="Run a sweep file, then build the report."
+    )
+    parser.add_argument("sweep", type=Path, help="sweep file (YAML), e.g. bench/presets/default.yaml")
+    parser.add_argument(
+        "--results", type=Path, default=Path("results"), help="results folder (records, tables)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="parallel processes (1: in this process)")
+    parser.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    parser.add_argument("--no-report", action="store_true", help="skip building tables and figures")
+    parser.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
+    args = parser.parse_args(argv)
+    try:
+        sweep = load_sweep(args.sweep)
+    except SweepError as err:
+        sys.exit(str(err))
+    if args.dry_run:
+        for run in sweep.runs:
+            print(run.run_id)
+        print(f"{len(sweep.runs)} runs")
+        return
+    run_sweep(sweep.runs, args.results, args.workers, args.retry_failed)
+    if not args.no_report:
+        from bench.report import build_report
+
+        build_report(args.results)

@@ -1,0 +1,162 @@
+"""Sweep files (YAML): a grid over methods x options x tasks x seeds, validated as a whole up front.
+
+    name: default
+    train: {epochs: 8, lr: 1.0e-3}        # TrainConfig fields, shared by every run
+    tasks: [digits, rotation, texture]
+    seeds: [0, 1]
+    options: {spt-lora: {budget: 20000}}   # per-method default options
+    grid:                                  # a union of sub-grids; list values multiply out
+      - {method: [full, linear, lora]}
+      - {method: snell, kernel: [linear, rbf], sparsity: [0.5, 0.9]}
+      - {method: snell, rank: 32, train: {lr: 5.0e-4}, tasks: [digits]}
+
+Every mistake in a file (unknown keys with a did-you-mean, bad values, unknown tasks, missing data
+folders or checkpoints) is collected and reported together before anything runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import snell
+from bench.config import TRAIN_FIELDS, RunConfig, TrainConfig
+from bench.data import build_task
+
+TOP_KEYS = ("name", "description", "train", "tasks", "seeds", "options", "grid")
+ENTRY_KEYS = ("method", "train", "tasks", "seeds")
+
+
+class SweepError(ValueError):
+    """A sweep file with one or more mistakes; the message lists all of them."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s), nothing was run:\n{lines}")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    runs: list[RunConfig]
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _unknown(keys, allowed, where: str) -> list[str]:
+    problems = []
+    for key in keys:
+        if key not in allowed:
+            hint = difflib.get_close_matches(str(key), list(allowed), n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.append(f"{where}: unknown key {key!r}{did_you_mean}; allowed: {', '.join(allowed)}")
+    return problems
+
+
+def _train_config(overrides: dict, where: str, problems: list[str]) -> TrainConfig | None:
+    if not isinstance(overrides, dict):
+        problems.append(f"{where}: must be a mapping of training settings, got {overrides!r}")
+        return None
+    bad = _unknown(overrides, TRAIN_FIELDS, where)
+    if bad:
+        problems += bad
+        return None
+    cfg = TrainConfig(**overrides)
+    problems += [f"{where}: {p}" for p in cfg.validate()]
+    if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
+        problems.append(f"{where}: checkpoint file {cfg.checkpoint!r} does not exist")
+    return cfg
+
+
+def _check_task(task: str, cfg: TrainConfig, where: str, checked: dict) -> str | None:
+    key = (task, cfg.data_root, cfg.img_size, cfg.protocol)
+    if key not in checked:
+        try:
+            build_task(task, cfg.data_root, cfg.img_size, protocol=cfg.protocol)
+            checked[key] = None
+        except (ValueError, FileNotFoundError) as err:
+            checked[key] = str(err)
+    return None if checked[key] is None else f"{where}: task {task!r}: {checked[key]}"
+
+
+def parse_sweep(data: Any, source: str = "sweep") -> Sweep:
+    """Expand and validate a sweep mapping into runs; raise SweepError listing every problem."""
+    if not isinstance(data, dict):
+        raise SweepError(source, [f"a sweep file is a mapping with keys {', '.join(TOP_KEYS)}"])
+    problems = _unknown(data, TOP_KEYS, "top level")
+    base_train = data.get("train", {}) or {}
+    _train_config(base_train, "train", problems)
+    option_defaults = data.get("options", {}) or {}
+    for method, options in option_defaults.items():
+        try:
+            snell.method_config(method, **options)
+        except (ValueError, TypeError) as err:
+            problems.append(f"options.{method}: {err}")
+    grid = data.get("grid")
+    if not isinstance(grid, list) or not grid:
+        problems.append("grid: must be a non-empty list of entries, each with at least a 'method'")
+        grid = []
+
+    runs, checked_tasks = [], {}
+    for i, entry in enumerate(grid):
+        where = f"grid[{i}]"
+        if not isinstance(entry, dict) or "method" not in entry:
+            problems.append(f"{where}: each entry is a mapping with a 'method' key, got {entry!r}")
+            continue
+        train = _train_config({**base_train, **(entry.get("train") or {})}, f"{where}.train", problems)
+        tasks = _as_list(entry.get("tasks", data.get("tasks", [])))
+        seeds = _as_list(entry.get("seeds", data.get("seeds", [0])))
+        if not tasks:
+            problems.append(f"{where}: no tasks (set 'tasks' at the top level or in the entry)")
+        problems += [f"{where}: seed {s!r} must be an integer" for s in seeds if not isinstance(s, int)]
+        option_grid = {k: _as_list(v) for k, v in entry.items() if k not in ENTRY_KEYS}
+        for method in _as_list(entry["method"]):
+            try:
+                allowed = snell.config_fields(method)
+            except ValueError as err:
+                problems.append(f"{where}.method: {err}")
+                continue
+            unknown = _unknown(option_grid, allowed + list(ENTRY_KEYS), f"{where} ({method})")
+            if unknown:
+                problems += unknown
+                continue
+            for values in itertools.product(*option_grid.values()):
+                options = {**option_defaults.get(method, {}), **dict(zip(option_grid, values, strict=True))}
+                try:
+                    snell.method_config(method, **options)
+                except (ValueError, TypeError) as err:
+                    problems.append(f"{where} ({method} {options}): {err}")
+                    continue
+                if train is None:
+                    continue
+                for task in tasks:
+                    task_problem = _check_task(task, train, where, checked_tasks)
+                    if task_problem:
+                        problems.append(task_problem)
+                        continue
+                    runs += [RunConfig(task, method, seed, options, train) for seed in seeds]
+    problems = list(dict.fromkeys(problems))  # a bad task repeated over entries is reported once
+    if problems:
+        raise SweepError(source, problems)
+    unique = list({run.run_id: run for run in runs}.values())
+    return Sweep(str(data.get("name", Path(source).stem)), unique)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(str(path), [f"sweep file {path} does not exist"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SweepError(str(path), [f"not valid YAML: {err}"]) from err
+    return parse_sweep(data, str(path))

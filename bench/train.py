@@ -1,0 +1,198 @@
+"""Train and evaluate one run: backbone + tuning method + task, with measurements along the way."""
+
+from __future__ import annotations
+
+import functools
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+import snell
+from bench.backbones import create_backbone
+from bench.config import RunConfig, TrainConfig
+from bench.data import Task, build_task
+from bench.measure import median_step_time, tracked_step_memory
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class Model:
+    """A backbone with a tuning method applied, ready to train on a task."""
+
+    net: nn.Module
+    task: Task
+    device: torch.device
+    method_config: snell.TuningConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here; use device: cpu or auto")
+    return device
+
+
+def loader(dataset: Dataset, batch_size: int, seed: int | None, cfg: TrainConfig) -> DataLoader:
+    """Shuffled with its own seeded generator when ``seed`` is given (data order independent of init)."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=seed is not None,
+        generator=generator,
+        num_workers=cfg.num_workers,
+        drop_last=False,
+    )
+
+
+def make_optimizer(
+    params: list[nn.Parameter], lr: float, weight_decay: float, total_steps: int, warmup_steps: int
+) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
+    """AdamW with a per-step linear warmup then cosine decay (timm's scheduler)."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=max(total_steps - warmup_steps, 1),
+        warmup_t=warmup_steps,
+        warmup_lr_init=lr * 1e-3,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    return optimizer, scheduler
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when asked; full precision on the CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig) -> float:
+    """Top-1 accuracy (%) on a dataset."""
+    model.net.eval()
+    correct = total = 0
+    for images, labels in loader(dataset, cfg.eval_batch_size, None, cfg):
+        with autocast(model.device, cfg.amp):
+            logits = model.net(images.to(model.device))
+        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        total += len(labels)
+    return 100.0 * correct / total
+
+
+def build_model(run: RunConfig) -> Model:
+    """Task data, backbone and tuning method for a run (calibration batches for methods that need them)."""
+    cfg = run.train
+    device = resolve_device(cfg.device)
+    task = build_task(run.task, cfg.data_root, cfg.img_size, protocol=cfg.protocol)
+    torch.manual_seed(run.seed)
+    net = create_backbone(cfg.backbone, task.num_classes, cfg.checkpoint, cfg.pretrained).to(device)
+    method_config = snell.method_config(run.method, **run.method_options)
+    calibration = (
+        (x.to(device), y.to(device)) for x, y in loader(task.train, cfg.batch_size, run.seed + 10_000, cfg)
+    )
+    snell.apply_method(net, method_config, calibration=calibration)
+    return Model(net.to(device), task, device, net.tuning_config)
+
+
+def train_run(run: RunConfig, progress: bool = True) -> dict:
+    """Train one run to the end and return its metrics; raises DivergedError on a non-finite loss."""
+    start = time.perf_counter()
+    model = build_model(run)
+    cfg, device, net = run.train, model.device, model.net
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_loader = loader(model.task.train, cfg.batch_size, run.seed, cfg)
+    total_steps = cfg.epochs * len(train_loader)
+    warmup_steps = math.ceil(cfg.warmup_epochs * len(train_loader))
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, warmup_steps)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with autocast(device, cfg.amp):
+            loss = criterion(net(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def record_step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        epoch_losses.append(step(*batch))
+
+    loss_curve, step_times, memory = [], [], None
+    bar = tqdm(total=total_steps, desc=run.label, unit="step", disable=not progress, leave=False)
+    for epoch in range(cfg.epochs):
+        net.train()
+        epoch_losses = []
+        for images, labels in train_loader:
+            batch = (images.to(device), labels.to(device))
+            if memory is None and epoch_losses and device.type == "cpu":  # optimizer state exists now
+                memory = tracked_step_memory(net, optimizer, functools.partial(record_step, batch))
+            else:
+                tic = time.perf_counter()
+                record_step(batch)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                step_times.append(time.perf_counter() - tic)
+            scheduler.step_update(epoch * len(train_loader) + len(epoch_losses))
+            bar.update()
+        mean_loss = torch.stack(epoch_losses).float().mean().item()
+        if not math.isfinite(mean_loss):
+            raise DivergedError(f"training loss is {mean_loss} in epoch {epoch + 1}")
+        loss_curve.append(mean_loss)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}")
+    bar.close()
+
+    median = median_step_time(step_times)
+    metrics = {
+        "val_acc": evaluate(model, model.task.val, cfg),
+        "test_acc": evaluate(model, model.task.test, cfg),
+        "loss_curve": loss_curve,
+        "trainable_params": snell.count_trainable(net),
+        "total_params": sum(p.numel() for p in net.parameters()),
+        "adapter_bytes": adapter_bytes(net),
+        "step_time_s": median,
+        "images_per_s": cfg.batch_size / median if median else None,
+        "update_rank": mean_update_rank(net),
+    }
+    if memory is not None:
+        metrics["peak_memory_mib"] = memory["peak_mib"]
+        metrics["memory_breakdown_mib"] = memory["breakdown_mib"]
+    if device.type == "cuda":
+        metrics["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        metrics["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
+        metrics["peak_memory_mib"] = metrics["cuda_max_allocated_mib"]
+    metrics["wall_time_s"] = time.perf_counter() - start
+    return {"metrics": metrics, "method_config": model.method_config.to_dict()}
+
+
+def adapter_bytes(net: nn.Module) -> int:
+    """Size on disk of what the method trained (saved as safetensors + config, then measured)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return snell.adapter_size_bytes(snell.save_adapter(net, tmp))
+
+
+@torch.no_grad()
+def mean_update_rank(net: nn.Module) -> float | None:
+    """Mean numerical rank of the applied updates over adapted layers (how much a kernel lifts rank)."""
+    ranks = [
+        torch.linalg.matrix_rank(m.delta_weight().float()).item()
+        for m in net.modules()
+        if isinstance(m, snell.AdaptedLinear)
+    ]
+    return sum(ranks) / len(ranks) if ranks else None
