@@ -24,6 +24,11 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m bench sweep bench/presets/quick.yaml --results results/quick
 
+# The sweep as one SLURM job per run (submitit), e.g. make bench-slurm ARGS="--partition gpu --no-wait"
+bench-slurm: SWEEP ?= bench/presets/paper_vtab.yaml
+bench-slurm: $(STAMP)
+	$(PY) -m bench sweep $(SWEEP) --executor submitit --results results/slurm $(ARGS)
+
 report: $(STAMP)
 	$(PY) -m bench report --results results
 

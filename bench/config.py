@@ -26,12 +26,15 @@ class TrainConfig:
     protocol: str = "paper"
     img_size: int | None = None
     epochs: int = 10
+    limit_train_batches: int | None = None
+    limit_eval_batches: int | None = None
     warmup_epochs: float = 1.0
     batch_size: int = 32
     eval_batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
+    diverge_loss: float = 1e3
     device: str = "auto"
     amp: bool = True
     num_workers: int = 0
@@ -43,7 +46,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name}={value!r} must be an integer >= 1")
-        for name in ("lr", "weight_decay", "warmup_epochs", "label_smoothing"):
+        for name in ("limit_train_batches", "limit_eval_batches"):
+            limit = getattr(self, name)
+            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+                problems.append(f"{name}={limit!r} must be an integer >= 1 or null (no limit)")
+        for name in ("lr", "weight_decay", "warmup_epochs", "label_smoothing", "diverge_loss"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
                 problems.append(f"{name}={value!r} must be a number >= 0")

@@ -17,8 +17,6 @@ from pathlib import Path
 import safetensors.torch
 import timm
 import torch
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import RandomCrop
@@ -27,6 +25,7 @@ from tqdm import tqdm
 from bench.backbones import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
 from bench.data.base import TensorImageDataset
 from bench.data.embedded import MNIST_MEAN, MNIST_STD, SPLIT_SEED, load_mnist_split
+from bench.train import make_optimizer
 
 RECIPE = {
     "optimizer": "adamw (timm: no weight decay on biases, norms, pos_embed, cls_token)",
@@ -66,14 +65,8 @@ def train(model: nn.Module, dataset: Dataset, epochs: int, seed: int) -> float:
     )
     total_steps = epochs * len(loader)
     warmup_steps = math.ceil(RECIPE["warmup_fraction"] * total_steps)
-    optimizer = create_optimizer_v2(model, "adamw", lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=total_steps - warmup_steps,
-        warmup_t=warmup_steps,
-        warmup_lr_init=RECIPE["warmup_lr"],
-        warmup_prefix=True,
-        t_in_epochs=False,
+    optimizer, scheduler = make_optimizer(
+        model, RECIPE["lr"], RECIPE["weight_decay"], total_steps, warmup_steps, RECIPE["warmup_lr"]
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=RECIPE["label_smoothing"])
     step, epoch_loss = 0, float("nan")

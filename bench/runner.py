@@ -68,13 +68,35 @@ def is_finished(run: RunConfig, results: str | Path, retry_failed: bool) -> bool
     return not retry_failed or read_record(path)["status"] == "ok"
 
 
-def claim_and_execute(run_data: dict, results: str, threads: int, progress: bool) -> tuple[str, str]:
-    """Worker entry point: (run_id, status), status 'skipped' if another process holds the run."""
+def pending(runs: list[RunConfig], results: str | Path, retry_failed: bool) -> list[RunConfig]:
+    """The runs still to do (no record, or a failed one with ``retry_failed``); prints the tally."""
+    todo = [r for r in runs if not is_finished(r, results, retry_failed)]
+    print(f"{len(runs)} runs in the sweep, {len(runs) - len(todo)} already recorded, {len(todo)} to run")
+    return todo
+
+
+def print_failures(statuses: dict[str, str]) -> None:
+    """Tally of ``statuses`` (run_id -> status): how many ran, were skipped, and which failures."""
+    skipped = sum(s == "skipped" for s in statuses.values())
+    failed = sorted({s for s in statuses.values() if s not in ("ok", "skipped")})
+    print(f"ran {len(statuses) - skipped}, skipped {skipped} (claimed by another process)")
+    if failed:
+        n_failed = sum(s in failed for s in statuses.values())
+        print(f"{n_failed} run(s) failed and were recorded as such: {', '.join(failed)}")
+
+
+def claim_and_execute(
+    run_data: dict, results: str, threads: int, progress: bool, retry_failed: bool = False
+) -> tuple[str, str]:
+    """Worker entry point: (run_id, status); 'skipped' if another process holds the run or has just
+    recorded it (checked again after claiming, so a run queued twice executes once)."""
     torch.set_num_threads(threads)
     run = RunConfig.from_dict(run_data)
     if not try_claim(results, run.run_id):
         return run.run_id, "skipped"
     try:
+        if is_finished(run, results, retry_failed):
+            return run.run_id, "skipped"
         return run.run_id, execute_run(run, results, progress)["status"]
     finally:
         release_claim(results, run.run_id)
@@ -92,21 +114,21 @@ def run_sweep(
     ``workers`` > 1 runs that many processes with ``cpu_count // workers`` torch threads each;
     ``workers`` = 1 runs in this process (what tests use to inject failures).
     """
-    todo = [r for r in runs if not is_finished(r, results, retry_failed)]
-    print(f"{len(runs)} runs in the sweep, {len(runs) - len(todo)} already recorded, {len(todo)} to run")
+    todo = pending(runs, results, retry_failed)
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     statuses: dict[str, str] = {}
     bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress)
     if workers <= 1:
         for run in todo:
-            run_id, status = claim_and_execute(run.to_dict(), str(results), threads, progress)
+            run_id, status = claim_and_execute(run.to_dict(), str(results), threads, progress, retry_failed)
             statuses[run_id] = status
             bar.update()
     else:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = [
-                pool.submit(claim_and_execute, r.to_dict(), str(results), threads, False) for r in todo
+                pool.submit(claim_and_execute, r.to_dict(), str(results), threads, False, retry_failed)
+                for r in todo
             ]
             for future in as_completed(futures):
                 run_id, status = future.result()
@@ -114,16 +136,13 @@ def run_sweep(
                 bar.update()
                 bar.set_postfix_str(f"last: {status}")
     bar.close()
-    failed = {k: v for k, v in statuses.items() if v not in ("ok", "skipped")}
-    if failed:
-        print(
-            f"{len(failed)} run(s) failed and were recorded as such: "
-            + ", ".join(sorted(set(failed.values())))
-        )
+    print_failures(statuses)
     return statuses
 
 
 def main(argv: list[str] | None = None) -> None:
+    from bench import slurm
+
     parser = argparse.ArgumentParser(
         prog="bench sweep", description="Run a sweep file, then build the report."
     )
@@ -132,9 +151,13 @@ def main(argv: list[str] | None = None) -> None:
         "--results", type=Path, default=Path("results"), help="results folder (records, tables)"
     )
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (1: in this process)")
+    parser.add_argument(
+        "--executor", choices=("local", "submitit"), default="local", help="submitit: one SLURM job per run"
+    )
     parser.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
     parser.add_argument("--no-report", action="store_true", help="skip building tables and figures")
     parser.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
+    slurm.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         sweep = load_sweep(args.sweep)
@@ -145,7 +168,10 @@ def main(argv: list[str] | None = None) -> None:
             print(run.run_id)
         print(f"{len(sweep.runs)} runs")
         return
-    run_sweep(sweep.runs, args.results, args.workers, args.retry_failed)
+    if args.executor == "local":
+        run_sweep(sweep.runs, args.results, args.workers, args.retry_failed)
+    elif not slurm.run(sweep, args):
+        return  # submitted without waiting: nothing to report yet
     if not args.no_report:
         from bench.report import build_report
 

@@ -9,6 +9,7 @@
       - {method: [full, linear, lora]}
       - {method: snell, kernel: [linear, rbf], sparsity: [0.5, 0.9]}
       - {method: snell, rank: 32, train: {lr: 5.0e-4}, tasks: [digits]}
+    slurm: {partition: gpu, timeout_min: 240}   # optional: job settings for --executor submitit
 
 Every mistake in a file (unknown keys with a did-you-mean, bad values, unknown tasks, missing data
 folders or checkpoints) is collected and reported together before anything runs.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,24 @@ import snell
 from bench.config import TRAIN_FIELDS, RunConfig, TrainConfig
 from bench.data import build_task
 
-TOP_KEYS = ("name", "description", "train", "tasks", "seeds", "options", "grid")
+TOP_KEYS = ("name", "description", "train", "tasks", "seeds", "options", "grid", "slurm")
+SLURM_KEYS = {
+    "partition": str,
+    "account": str,
+    "qos": str,
+    "constraint": str,
+    "gpus_per_node": int,
+    "cpus_per_task": int,
+    "mem_gb": float,
+    "timeout_min": int,
+    "array_parallelism": int,
+    "setup": list,
+}
+"""SLURM job settings a sweep file (``slurm:``) or the CLI may give to ``--executor submitit``.
+
+``setup`` lists shell lines run before each job (``module load ...``); the others are sbatch settings.
+"""
+_KIND_NAMES = {str: "a string", int: "an integer >= 0", float: "a number >= 0", list: "a list of shell lines"}
 ENTRY_KEYS = ("method", "train", "tasks", "seeds")
 
 
@@ -45,6 +63,7 @@ class SweepError(ValueError):
 class Sweep:
     name: str
     runs: list[RunConfig]
+    slurm: dict[str, Any] = field(default_factory=dict)
 
 
 def _as_list(value: Any) -> list:
@@ -59,6 +78,27 @@ def _unknown(keys, allowed, where: str) -> list[str]:
             did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
             problems.append(f"{where}: unknown key {key!r}{did_you_mean}; allowed: {', '.join(allowed)}")
     return problems
+
+
+def _slurm_options(value: Any, problems: list[str]) -> dict[str, Any]:
+    """The ``slurm:`` mapping, its problems (unknown keys, wrong types) appended to ``problems``."""
+    if not isinstance(value, dict):
+        problems.append(f"slurm: must be a mapping of SLURM job settings, got {value!r}")
+        return {}
+    problems += _unknown(value, list(SLURM_KEYS), "slurm")
+    for key, kind in SLURM_KEYS.items():
+        if key in value and not _is_kind(value[key], kind):
+            problems.append(f"slurm.{key}={value[key]!r} must be {_KIND_NAMES[kind]}")
+    return value
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(line, str) for line in value)
+    if kind is str:
+        return isinstance(value, str)
+    number = int | float if kind is float else int
+    return isinstance(value, number) and not isinstance(value, bool) and value >= 0
 
 
 def _train_config(overrides: dict, where: str, problems: list[str]) -> TrainConfig | None:
@@ -77,6 +117,7 @@ def _train_config(overrides: dict, where: str, problems: list[str]) -> TrainConf
 
 
 def _check_task(task: str, cfg: TrainConfig, where: str, checked: dict) -> str | None:
+    """None if the task builds (names, folders, split files), else the problem; cached per data setting."""
     key = (task, cfg.data_root, cfg.img_size, cfg.protocol)
     if key not in checked:
         try:
@@ -84,7 +125,7 @@ def _check_task(task: str, cfg: TrainConfig, where: str, checked: dict) -> str |
             checked[key] = None
         except (ValueError, FileNotFoundError) as err:
             checked[key] = str(err)
-    return None if checked[key] is None else f"{where}: task {task!r}: {checked[key]}"
+    return None if checked[key] is None else f"task {task!r}: {checked[key]}"
 
 
 def parse_sweep(data: Any, source: str = "sweep") -> Sweep:
@@ -94,6 +135,7 @@ def parse_sweep(data: Any, source: str = "sweep") -> Sweep:
     problems = _unknown(data, TOP_KEYS, "top level")
     base_train = data.get("train", {}) or {}
     _train_config(base_train, "train", problems)
+    slurm = _slurm_options(data.get("slurm") or {}, problems)
     option_defaults = data.get("options", {}) or {}
     for method, options in option_defaults.items():
         try:
@@ -117,6 +159,10 @@ def parse_sweep(data: Any, source: str = "sweep") -> Sweep:
         if not tasks:
             problems.append(f"{where}: no tasks (set 'tasks' at the top level or in the entry)")
         problems += [f"{where}: seed {s!r} must be an integer" for s in seeds if not isinstance(s, int)]
+        if train is not None:
+            task_problems = {t: _check_task(t, train, where, checked_tasks) for t in tasks}
+            problems += [p for p in task_problems.values() if p]
+            tasks = [t for t, p in task_problems.items() if not p]
         option_grid = {k: _as_list(v) for k, v in entry.items() if k not in ENTRY_KEYS}
         for method in _as_list(entry["method"]):
             try:
@@ -135,19 +181,13 @@ def parse_sweep(data: Any, source: str = "sweep") -> Sweep:
                 except (ValueError, TypeError) as err:
                     problems.append(f"{where} ({method} {options}): {err}")
                     continue
-                if train is None:
-                    continue
-                for task in tasks:
-                    task_problem = _check_task(task, train, where, checked_tasks)
-                    if task_problem:
-                        problems.append(task_problem)
-                        continue
-                    runs += [RunConfig(task, method, seed, options, train) for seed in seeds]
+                if train is not None:
+                    runs += [RunConfig(t, method, seed, options, train) for t in tasks for seed in seeds]
     problems = list(dict.fromkeys(problems))  # a bad task repeated over entries is reported once
     if problems:
         raise SweepError(source, problems)
     unique = list({run.run_id: run for run in runs}.values())
-    return Sweep(str(data.get("name", Path(source).stem)), unique)
+    return Sweep(str(data.get("name", Path(source).stem)), unique, slurm)
 
 
 def load_sweep(path: str | Path) -> Sweep:

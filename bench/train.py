@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import tempfile
 import time
@@ -10,6 +11,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -23,7 +25,7 @@ from bench.measure import median_step_time, tracked_step_memory
 
 
 class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN, infinite or larger than ``TrainConfig.diverge_loss``."""
 
 
 @dataclass
@@ -59,15 +61,16 @@ def loader(dataset: Dataset, batch_size: int, seed: int | None, cfg: TrainConfig
 
 
 def make_optimizer(
-    params: list[nn.Parameter], lr: float, weight_decay: float, total_steps: int, warmup_steps: int
+    model: nn.Module, lr: float, weight_decay: float, total_steps: int, warmup_steps: int, warmup_lr: float
 ) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
-    """AdamW with a per-step linear warmup then cosine decay (timm's scheduler)."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    """timm's AdamW over the trainable parameters (no decay on biases, norms, tokens), with a per-step
+    linear warmup from ``warmup_lr`` then cosine decay to 0 (timm's scheduler)."""
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay)
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=max(total_steps - warmup_steps, 1),
         warmup_t=warmup_steps,
-        warmup_lr_init=lr * 1e-3,
+        warmup_lr_init=warmup_lr,
         warmup_prefix=True,
         t_in_epochs=False,
     )
@@ -83,10 +86,11 @@ def autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig) -> float:
-    """Top-1 accuracy (%) on a dataset."""
+    """Top-1 accuracy (%) on a dataset (its first ``limit_eval_batches`` batches if set: for smoke tests)."""
     model.net.eval()
     correct = total = 0
-    for images, labels in loader(dataset, cfg.eval_batch_size, None, cfg):
+    batches = loader(dataset, cfg.eval_batch_size, None, cfg)
+    for images, labels in itertools.islice(batches, cfg.limit_eval_batches):
         with autocast(model.device, cfg.amp):
             logits = model.net(images.to(model.device))
         correct += (logits.argmax(1).cpu() == labels).sum().item()
@@ -117,10 +121,12 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     train_loader = loader(model.task.train, cfg.batch_size, run.seed, cfg)
-    total_steps = cfg.epochs * len(train_loader)
-    warmup_steps = math.ceil(cfg.warmup_epochs * len(train_loader))
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, warmup_steps)
+    steps_per_epoch = min(len(train_loader), cfg.limit_train_batches or len(train_loader))
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
+    optimizer, scheduler = make_optimizer(
+        net, cfg.lr, cfg.weight_decay, total_steps, warmup_steps, warmup_lr=cfg.lr * 1e-3
+    )
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -139,7 +145,7 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
     for epoch in range(cfg.epochs):
         net.train()
         epoch_losses = []
-        for images, labels in train_loader:
+        for images, labels in itertools.islice(train_loader, steps_per_epoch):
             batch = (images.to(device), labels.to(device))
             if memory is None and epoch_losses and device.type == "cpu":  # optimizer state exists now
                 memory = tracked_step_memory(net, optimizer, functools.partial(record_step, batch))
@@ -149,11 +155,15 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 step_times.append(time.perf_counter() - tic)
-            scheduler.step_update(epoch * len(train_loader) + len(epoch_losses))
+            scheduler.step_update(epoch * steps_per_epoch + len(epoch_losses))
             bar.update()
-        mean_loss = torch.stack(epoch_losses).float().mean().item()
-        if not math.isfinite(mean_loss):
-            raise DivergedError(f"training loss is {mean_loss} in epoch {epoch + 1}")
+        losses = torch.stack(epoch_losses).float()
+        worst = losses.max().item() if losses.isfinite().all() else float("nan")
+        if not worst <= cfg.diverge_loss:
+            raise DivergedError(
+                f"training loss reached {worst:.4g} in epoch {epoch + 1} (diverge_loss={cfg.diverge_loss:g})"
+            )
+        mean_loss = losses.mean().item()
         loss_curve.append(mean_loss)
         bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}")
     bar.close()

@@ -1,0 +1,95 @@
+"""Sweep files: expansion into runs, and every mistake reported at once before anything runs."""
+
+import pytest
+
+from bench.sweep import SweepError, load_sweep, parse_sweep
+from tests.harness import FAST_TRAIN
+
+
+def sweep(grid, **top):
+    return {"train": FAST_TRAIN, "tasks": ["digits"], "seeds": [0, 1], "grid": grid, **top}
+
+
+def test_grid_expands_to_the_product():
+    runs = parse_sweep(
+        sweep(
+            [
+                {"method": ["full", "lora"]},
+                {"method": "snell", "kernel": ["linear", "rbf"], "sparsity": [0, 0.9]},
+            ]
+        )
+    ).runs
+    assert len(runs) == (2 + 4) * 2
+    assert {(r.method, r.method_options.get("kernel"), r.seed) for r in runs} >= {("snell", "rbf", 1)}
+    assert len({r.run_id for r in runs}) == len(runs)
+
+
+def test_entry_overrides_tasks_seeds_and_training():
+    runs = parse_sweep(
+        sweep([{"method": "lora", "tasks": ["rotation"], "seeds": [5], "train": {"lr": 0.01}}])
+    ).runs
+    assert [(r.task, r.seed, r.train.lr, r.train.epochs) for r in runs] == [("rotation", 5, 0.01, 1)]
+
+
+def test_per_method_default_options_apply():
+    runs = parse_sweep(sweep([{"method": "lora"}], options={"lora": {"rank": 4}})).runs
+    assert all(r.method_options == {"rank": 4} for r in runs)
+
+
+def test_run_id_is_stable_and_sensitive_to_config():
+    a = parse_sweep(sweep([{"method": "lora", "rank": 4}])).runs
+    b = parse_sweep(sweep([{"method": "lora", "rank": 4}])).runs
+    c = parse_sweep(sweep([{"method": "lora", "rank": 8}])).runs
+    assert [r.run_id for r in a] == [r.run_id for r in b]
+    assert not {r.run_id for r in a} & {r.run_id for r in c}
+
+
+def test_three_mistakes_are_reported_together(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "train: {epochs: 1}\n"
+        "tasks: [digits, mnist_c]\n"
+        "grid:\n"
+        "  - {method: snell, rnak: 8}\n"
+        "  - {method: snell, sparsity: 1.5}\n"
+    )
+    with pytest.raises(SweepError) as info:
+        load_sweep(path)
+    problems = info.value.problems
+    assert len(problems) == 3, problems
+    text = str(info.value)
+    assert "unknown key 'rnak' (did you mean 'rank'?)" in text
+    assert "sparsity=1.5 must be a number in [0, 1)" in text
+    assert "unknown task 'mnist_c'" in text
+    assert not (tmp_path / "records").exists()
+
+
+def test_bad_top_level_and_training_values():
+    with pytest.raises(SweepError) as info:
+        parse_sweep({"tasks": ["digits"], "grid": [{"method": "lora"}], "trian": {}, "train": {"epochs": 0}})
+    text = str(info.value)
+    assert "unknown key 'trian' (did you mean 'train'?)" in text
+    assert "epochs=0 must be an integer >= 1" in text
+
+
+def test_missing_data_folder_and_checkpoint_are_reported(tmp_path):
+    data = sweep(
+        [{"method": "lora"}],
+        tasks=["vtab/cifar"],
+        train={**FAST_TRAIN, "data_root": str(tmp_path), "checkpoint": str(tmp_path / "ViT-B_16.npz")},
+    )
+    with pytest.raises(SweepError) as info:
+        parse_sweep(data)
+    text = str(info.value)
+    assert "ViT-B_16.npz" in text and "does not exist" in text
+    assert "train800val200.txt" in text  # the expected VTAB-1k layout is shown
+
+
+def test_presets_are_valid():
+    for name in ("quick", "default", "paper_vtab", "paper_fgvc"):
+        path = f"bench/presets/{name}.yaml"
+        if name.startswith("paper"):
+            with pytest.raises(SweepError, match="does not exist|not found|layout"):
+                load_sweep(path)  # no VTAB/FGVC data or checkpoint here: validated, and says what is missing
+        else:
+            assert load_sweep(path).runs
