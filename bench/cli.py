@@ -12,6 +12,10 @@ COMMANDS = {
     "memory": ("bench.memory", "estimate the peak memory of one training step without allocating it"),
     "memory-sweep": ("bench.memory_sweep", "memory estimates over models x batches x methods, with figures"),
     "perf-step": ("bench.perf_step", "step time and memory ratios: snell vs lora vs the reference SNELL"),
+    "gpu-check": (
+        "bench.gpu_check",
+        "real CUDA peak memory and step time of full / LoRA / SNELL on ViT-B/16",
+    ),
     "notebooks": ("bench.notebooks", "execute the ablation notebooks"),
 }
 
