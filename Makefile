@@ -13,7 +13,6 @@ setup: $(STAMP)
 # multi-GB download); on other machines pip fetches the same pair.
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
