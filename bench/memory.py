@@ -1,0 +1,266 @@
+"""Peak memory of one training step at any model size, estimated on the CPU without allocating it.
+
+The model is built on the meta device and materialised as fake tensors (shapes and dtypes, no data);
+one training step then runs under torch's ``MemTracker``, which follows every tensor storage and
+reports the peak with its breakdown (parameters, buffers, gradients, optimizer state, activations,
+temporaries). ``measure_step_memory`` runs the same step on real tensors (CPU: torch.profiler's
+allocation events; CUDA: ``torch.cuda.max_memory_allocated``) to check the estimate.
+
+The step mirrors training: ``model.train()``, AdamW over the trainable parameters (``foreach=True``,
+the CUDA default), cross-entropy, backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)``.
+It is measured after optimizer state exists (created by one optimizer step on zero gradients, which
+leaves what a first training step leaves). Counted: tensor bytes only; no CUDA context, allocator
+cache or fragmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._C._profiler import _EventType
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.profiler import ProfilerActivity, profile
+
+import snell
+from baselines.spt import SptConfig, _budget_entries
+from bench.backbones import create_backbone
+from bench.measure import MIB, StepMemoryTracker, peak_breakdown
+from snell.wrap import find_linear_targets
+
+PRECISIONS = ("fp32", "bf16")
+ESTIMATE_DEVICE = "estimate: fake tensors on CPU"
+OPTIMIZER = {"lr": 1e-3, "weight_decay": 1e-4, "foreach": True}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak bytes of one training step; ``breakdown`` (bytes by category at the peak) sums to it.
+
+    A real measurement has an empty breakdown: the allocator reports totals only.
+    """
+
+    model: str
+    config: dict[str, Any]
+    batch_size: int
+    precision: str
+    peak_bytes: int
+    breakdown: dict[str, int]
+    params_total: int
+    trainable_params: int
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """One flat, CSV-ready row: sizes in MiB, the config as JSON."""
+        row = dataclasses.asdict(self)
+        row["config"] = json.dumps(self.config, sort_keys=True, default=str)
+        row["peak_mib"] = row.pop("peak_bytes") / MIB
+        for name, size in row.pop("breakdown").items():
+            row[f"{name}_mib"] = size / MIB
+        row["torch"] = torch.__version__
+        return row
+
+
+def uniform_spt_plan(model: nn.Module, cfg: SptConfig) -> SptConfig:
+    """``cfg`` with a plan that tunes an equal share of the budget in every target matrix, unstructured.
+
+    A real SPT plan comes from sensitivity on data, which a shapes-only estimate does not have. This one
+    is the memory-heaviest plan of SPT's unstructured modes (no matrix gets a LoRA part, which would cost
+    LoRA's memory instead) and the layout of sparse tuning like GPS, which tunes entries of every matrix.
+    """
+    names = find_linear_targets(model, cfg.targets)
+    share = max(1, _budget_entries(model, cfg.budget) // len(names))
+    return dataclasses.replace(cfg, plan={"matrices": dict.fromkeys(names, share), "vectors": []})
+
+
+class _Setup(NamedTuple):
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    input_size: tuple[int, int, int]
+    params_total: int
+
+
+def _backbone(model_name: str, img_size: int | None, num_classes: int, device: str) -> nn.Module:
+    """The timm model with random weights on ``device`` ("meta" for estimates: built outside the fake mode,
+    where timm's drop-path schedule calls ``.item()``, then materialised inside it with ``to_empty``)."""
+    kwargs = {"img_size": img_size} if img_size else {}
+    with torch.device(device):
+        return create_backbone(model_name, num_classes, pretrained=False, **kwargs)
+
+
+def _setup(model: nn.Module, config: snell.TuningConfig, img_size: int | None) -> _Setup:
+    """Apply the method, switch to train mode and create AdamW's state (one step on zero gradients)."""
+    channels, *size = timm.data.resolve_model_data_config(model)["input_size"]
+    input_size = (channels, img_size, img_size) if img_size else (channels, *size)
+    params_total = sum(p.numel() for p in model.parameters())
+    if isinstance(config, SptConfig) and not config.plan:
+        config = uniform_spt_plan(model, config)
+    snell.apply_method(model, config)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **OPTIMIZER)
+    for p in optimizer.param_groups[0]["params"]:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return _Setup(model, optimizer, input_size, params_total)
+
+
+def _train_step(setup: _Setup, batch_size: int, precision: str) -> None:
+    """One training step on a random batch, made inside the step (so it counts as activation memory)."""
+    device = next(setup.model.parameters()).device
+    images = torch.randn(batch_size, *setup.input_size, device=device)
+    labels = torch.randint(setup.model.num_classes, (batch_size,), device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = F.cross_entropy(setup.model(images), labels)
+    loss.backward()
+    setup.optimizer.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+
+
+def _check_args(precision: str, batch_size: int) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+
+
+def estimate_step_memory(
+    model_name: str,
+    config: snell.TuningConfig,
+    batch_size: int,
+    precision: str = "fp32",
+    img_size: int | None = None,
+    num_classes: int = 100,
+) -> MemoryEstimate:
+    """Peak memory of one training step of timm ``model_name`` tuned by ``config``, allocating no tensor
+    data (a ViT-B/16 estimate needs well under 1 GB of real memory). ``img_size`` overrides the model's."""
+    _check_args(precision, batch_size)
+    model = _backbone(model_name, img_size, num_classes, "meta")
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the meta-device model is its only real input
+        setup = _setup(model.to_empty(device="cpu"), config, img_size)
+        tracker = StepMemoryTracker()
+        tracker.track_external(setup.model, setup.optimizer)
+        with tracker:
+            _train_step(setup, batch_size, precision)
+    peak, breakdown = peak_breakdown(tracker)
+    return MemoryEstimate(
+        model_name,
+        setup.model.tuning_config.to_dict(),
+        batch_size,
+        precision,
+        peak,
+        breakdown,
+        setup.params_total,
+        snell.count_trainable(setup.model),
+        ESTIMATE_DEVICE,
+    )
+
+
+def _allocations(nodes: list, device: torch.device) -> Iterator:
+    """The allocation events on ``device`` of a profiler event tree."""
+    for node in nodes:
+        if node.tag == _EventType.Allocation and node.extra_fields.device == device:
+            yield node.extra_fields
+        yield from _allocations(node.children, device)
+
+
+def _measured_peak(setup: _Setup, step: Callable[[], None]) -> int:
+    """Peak bytes of tensors allocated on the model's device while ``step`` runs, counting what was live
+    before. CUDA: ``max_memory_allocated``. CPU: the bytes live before (parameters, buffers, optimizer
+    state) plus the rise of the CPU allocator's running total (``total_allocated`` of the profiler's
+    allocation events) from its level before the step to its highest."""
+    device = next(setup.model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    state = [v for s in setup.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    live = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in [*setup.model.parameters(), *setup.model.buffers(), *state]
+    }
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = list(_allocations(prof.profiler.kineto_results.experimental_event_tree(), device))
+    before = min((e.total_allocated - e.alloc_size for e in events), default=0)
+    return sum(live.values()) + max((e.total_allocated for e in events), default=before) - before
+
+
+def measure_step_memory(
+    model_name: str,
+    config: snell.TuningConfig,
+    batch_size: int,
+    precision: str = "fp32",
+    img_size: int | None = None,
+    num_classes: int = 100,
+    device: str = "cpu",
+) -> MemoryEstimate:
+    """The same step as ``estimate_step_memory`` on real tensors: the allocator's peak tensor bytes
+    (CPU: from torch.profiler's allocation events, plus what was live before; CUDA:
+    ``torch.cuda.max_memory_allocated``). Allocates it all: for small models, or on a GPU."""
+    _check_args(precision, batch_size)
+    setup = _setup(_backbone(model_name, img_size, num_classes, device), config, img_size)
+    peak = _measured_peak(setup, lambda: _train_step(setup, batch_size, precision))
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "measured: CPU"
+    return MemoryEstimate(
+        model_name,
+        setup.model.tuning_config.to_dict(),
+        batch_size,
+        precision,
+        peak,
+        {},
+        setup.params_total,
+        snell.count_trainable(setup.model),
+        name,
+    )
+
+
+def format_estimate(estimate: MemoryEstimate) -> str:
+    """A short human-readable report: peak and breakdown in MiB."""
+    lines = [
+        f"{estimate.model}  {estimate.config['method']}  batch {estimate.batch_size}  {estimate.precision}"
+        f"  ({estimate.device})",
+        f"  trainable {estimate.trainable_params:,} of {estimate.params_total:,} backbone parameters",
+        f"  peak        {estimate.peak_bytes / MIB:10.1f} MiB",
+    ]
+    lines += [f"  {name:<11} {size / MIB:10.1f} MiB" for name, size in estimate.breakdown.items() if size]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="timm model name, e.g. vit_base_patch16_224 (random weights)")
+    parser.add_argument("--method", default="lora", help=f"one of: {', '.join(snell.list_methods())}")
+    parser.add_argument("--options", type=json.loads, default={}, help='method options as JSON: {"rank": 8}')
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 = bf16 autocast")
+    parser.add_argument("--img-size", type=int, default=None, help="override the model's input size")
+    parser.add_argument("--num-classes", type=int, default=100)
+    parser.add_argument(
+        "--measure",
+        choices=("cpu", "cuda"),
+        help="also run the step for real on this device and print the measured peak beside the estimate",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = snell.method_config(args.method, **args.options)
+    step = (args.model, config, args.batch_size, args.precision, args.img_size, args.num_classes)
+    estimate = estimate_step_memory(*step)
+    print(format_estimate(estimate))
+    if args.measure:
+        measured = measure_step_memory(*step, device=args.measure)
+        print(format_estimate(measured))
+        print(f"measured / estimate: {measured.peak_bytes / estimate.peak_bytes:.4f}")

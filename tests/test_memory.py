@@ -1,0 +1,134 @@
+"""Memory estimates: equal to a real CPU step, cheap at paper scale, attributed, ordered as expected."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import timm
+
+import snell
+from bench.memory import MemoryEstimate, estimate_step_memory, measure_step_memory, uniform_spt_plan
+from bench.memory import main as memory_command
+from bench.memory_sweep import METHODS, MODELS, PAPER_MB, claims_table, write_markdown
+from bench.plots_memory import plot_breakdown, plot_memory_vs_model_size
+
+SMALL = "vit_mnist_patch7_28"  # 6 blocks, width 128: a real step takes well under a second
+CONFIGS = {
+    "full": snell.method_config("full"),
+    "lora": snell.method_config("lora", rank=8),
+    "snell": snell.method_config("snell", rank=8),
+    "snell no recompute": snell.method_config("snell", rank=8, recompute=False),
+    "spt grad mask": snell.method_config("spt-lora", mode="grad_mask"),
+}
+_cache: dict[tuple, MemoryEstimate] = {}
+
+
+def estimate(name: str, precision: str = "fp32") -> MemoryEstimate:
+    """Estimates of one batch-16 step of SMALL, each made once per test session."""
+    if (name, precision) not in _cache:
+        _cache[name, precision] = estimate_step_memory(SMALL, CONFIGS[name], 16, precision)
+    return _cache[name, precision]
+
+
+@pytest.mark.parametrize(
+    ("name", "precision"), [("full", "fp32"), ("lora", "fp32"), ("snell", "fp32"), ("snell", "bf16")]
+)
+def test_estimate_equals_real_cpu_peak_within_2_percent(name, precision):
+    estimated = estimate(name, precision=precision)
+    measured = measure_step_memory(SMALL, CONFIGS[name], 16, precision)
+    assert measured.device == "measured: CPU" and estimated.device.startswith("estimate")
+    assert measured.peak_bytes == pytest.approx(estimated.peak_bytes, rel=0.02)
+    assert measured.trainable_params == estimated.trainable_params
+
+
+def test_breakdown_sums_to_peak_and_counts_optimizer_state_exactly():
+    est = estimate("full")
+    assert sum(est.breakdown.values()) == est.peak_bytes
+    tensors = len(list(timm.create_model(SMALL, num_classes=100).parameters()))
+    assert est.trainable_params == est.params_total
+    assert est.breakdown["params"] == 4 * est.params_total
+    # AdamW (fp32): exp_avg and exp_avg_sq per trainable entry, plus one fp32 step counter per tensor.
+    assert est.breakdown["optimizer"] == 8 * est.trainable_params + 4 * tensors
+    assert est.breakdown["activations"] > 0
+
+
+def test_ordering_on_a_small_model():
+    peak = {name: estimate(name).peak_bytes for name in CONFIGS}
+    assert peak["lora"] < peak["full"] < peak["spt grad mask"]
+    assert peak["snell"] < peak["snell no recompute"]
+
+
+def test_vit_b16_estimate_allocates_under_1_gb():
+    code = (
+        "import json, resource, snell\n"
+        "from bench.memory import estimate_step_memory\n"
+        "e = estimate_step_memory('vit_base_patch16_224', snell.method_config('full'), 64)\n"
+        "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(json.dumps({'peak': e.peak_bytes, 'maxrss_kib': rss}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["peak"] > 8 * 2**30  # what the step would need: 8 GiB and more
+    assert result["maxrss_kib"] * 1024 < 2**30  # what the whole estimating process used
+
+
+def test_uniform_spt_plan_spreads_the_budget_over_every_target():
+    model = timm.create_model(SMALL, num_classes=10)
+    cfg = uniform_spt_plan(model, snell.method_config("spt-lora", budget=1000))
+    matrices = cfg.plan["matrices"]
+    assert len(matrices) == 6 * 4 and set(matrices.values()) == {1000 // 24}
+
+
+FAKE_PEAKS = {"lora-8": 1000, "snell-8": 1050, "full": 3000, "spt-lora (grad mask)": 2500}
+
+
+def fake_sweep() -> pd.DataFrame:
+    """A sweep's estimates with made-up round numbers: LoRA-8 = 1000 * model index, SNELL-8 5% more."""
+    rows = []
+    for i, (arch, name) in enumerate(MODELS.items(), start=1):
+        for batch in (8, 64):
+            for method in METHODS:
+                peak = {"lora-8": 1000, "snell-8": 1050, "full": 3000, "spt-lora (grad mask)": 2500}.get(
+                    method, 2000
+                )
+                rows.append({
+                    "arch": arch, "method": method, "model": name, "batch_size": batch, "precision": "fp32",
+                    "params_total": i * 100e6, "peak_mib": peak * i, "params_mib": 100 * i, "buffers_mib": 0,
+                    "grads_mib": 0, "optimizer_mib": 10, "activations_mib": peak * i - 110 * i,
+                    "temporaries_mib": 0, "other_mib": 0, "device": "estimate: fake tensors on CPU",
+                })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_markdown_puts_our_figures_beside_the_paper(tmp_path):
+    path = tmp_path / "memory_vs_paper.md"
+    write_markdown(fake_sweep(), path, "python -m bench memory-sweep")
+    text = path.read_text()
+    assert "`python -m bench memory-sweep`" in text
+    for arch, paper in PAPER_MB.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {arch}"))
+        assert f"{paper['lora-8']:,}" in row and f"{paper['gps']:,}" in row
+        assert "1.05" in row  # our SNELL/LoRA ratio
+    assert "stay below full fine-tuning" in text
+    table = claims_table(fake_sweep())
+    assert set(table["SNELL-8 / LoRA-8"]) == {"1.05"}
+
+
+def test_figures_are_written(tmp_path):
+    frame = fake_sweep()
+    plot_memory_vs_model_size(frame, tmp_path / "size.png", list(METHODS))
+    plot_breakdown(frame, tmp_path / "breakdown.png", "ViT-B/16", 64, list(METHODS))
+    for name in ("size.png", "breakdown.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_memory_command_prints_the_estimate_beside_a_real_measurement(capsys):
+    memory_command([SMALL, "--method=lora", '--options={"rank": 4}', "--batch-size=4", "--measure=cpu"])
+    out = capsys.readouterr().out
+    assert "lora" in out and "activations" in out and "measured: CPU" in out
+    ratio = float(out.rsplit("measured / estimate:", 1)[1])
+    assert ratio == pytest.approx(1.0, abs=0.02)
