@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -127,7 +128,7 @@ def test_two_sweeps_on_one_folder_split_the_work(tmp_path):
     procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)
-    ran = [int(out.split("ran ")[1].split()[0]) for out in outputs]
+    ran = [int(re.search(r"^ran (\d+),", out, re.MULTILINE).group(1)) for out in outputs]
     assert sum(ran) == 6, outputs  # every run executed exactly once across both sweeps
     records = load_records(results)
     assert len(records) == 6 and all(r["status"] == "ok" for r in records)
