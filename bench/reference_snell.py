@@ -64,7 +64,7 @@ class ReferenceSnellLinear(AdaptedLinear):
         grouped = dw.reshape(self.groups, -1)
         magnitude = grouped.abs()
         if self.sparsity > 0:
-            t = torch.quantile(magnitude.detach(), self.sparsity, dim=1, keepdim=True)
+            t = torch.quantile(magnitude.detach().float(), self.sparsity, dim=1, keepdim=True)
         else:
             t = torch.zeros_like(magnitude[:, :1])
         return (grouped * magnitude.detach() * (magnitude > t)).reshape(dw.shape)

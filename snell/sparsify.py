@@ -46,13 +46,16 @@ def kth_smallest_(rows: Tensor, k: int) -> Tensor:
     """The k-th smallest value (1-based) of each row of a 2-D tensor, which may be reordered in place.
 
     On a CPU this is numpy's in-place introselect: 5-15x faster than ``torch.kthvalue`` (which copies
-    its input and selects with a slower comparator), measured from 768x768 to 4096x11008. Other devices,
-    and tensor subclasses such as the fake tensors of memory estimates, use ``torch.kthvalue``.
+    its input and selects with a slower comparator), measured from 768x768 to 4096x11008. On CUDA a sort:
+    ``torch.kthvalue`` there gives each row one thread block, which is slow for the few long rows here.
+    Tensor subclasses such as the fake tensors of memory estimates use ``torch.kthvalue``.
     """
     if type(rows) is Tensor and rows.device.type == "cpu":
         values = rows.numpy()
         values.partition(k - 1, axis=1)
         return torch.from_numpy(values[:, k - 1].copy())
+    if rows.is_cuda:  # clone: a view would keep the whole sorted copy alive in the saved threshold
+        return rows.sort(dim=1).values[:, k - 1].clone()
     return rows.kthvalue(k, dim=1).values
 
 
@@ -71,8 +74,8 @@ def apply_rule(dw: Tensor, t: Tensor, rule: str, *, inplace: bool = False) -> Te
         return grouped.masked_fill_(magnitude <= t, 0).reshape(dw.shape)
     if rule == "public":
         factor = magnitude.detach() * (magnitude > t)
-    elif rule == "eq5":
-        factor = torch.clamp(magnitude - t, min=0)
+    elif rule == "eq5":  # relu, not clamp: no gradient at |dW| = t, where clamp passes one in some versions
+        factor = torch.relu(magnitude - t)
     else:
         factor = magnitude > t
     out = grouped.mul_(factor) if inplace else grouped * factor

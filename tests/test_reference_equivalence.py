@@ -72,8 +72,9 @@ def test_reference_model_loads_snell_factors_and_matches(kernel, regularised):
 @pytest.mark.parametrize(("out_features", "in_features", "groups"), [(384, 128, 3), (128, 320, 1)])
 def test_blocked_backward_matches_the_reference(monkeypatch, out_features, in_features, groups):
     # Blocks of 64 rows or columns: several per matrix (and per threshold group), as on large matrices.
-    monkeypatch.setattr(snell.layer, "BLOCK_ENTRIES", 64 * min(out_features, in_features))
-    assert len(snell.layer.weight_blocks(out_features, in_features, groups)) >= 2 * groups
+    monkeypatch.setitem(snell.layer.BLOCK_ENTRIES, "cpu", 64 * min(out_features, in_features))
+    blocks = snell.layer.weight_blocks(out_features, in_features, groups, torch.device("cpu"))
+    assert len(blocks) >= 2 * groups
     torch.manual_seed(0)
     layer = snell.layer.SnellLinear(
         nn.Linear(in_features, out_features), 8, build_kernel("piecewise_linear", 8), 0.9, groups=groups
@@ -88,6 +89,24 @@ def test_blocked_backward_matches_the_reference(monkeypatch, out_features, in_fe
     assert_relative_close(out, ref_out)
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         assert_relative_close(grad, ref_grad)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_saved_tensors_keep_no_full_size_storage_alive(device):
+    # Stronger than a shape check: a small view (the threshold, say) must not pin a dW-sized storage.
+    torch.manual_seed(0)
+    layer = snell.layer.SnellLinear(nn.Linear(64, 192), 8, build_kernel("piecewise_linear", 8), 0.9, groups=3)
+    layer.to(device)
+    x = torch.randn(5, 64, device=device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    weight = layer.base.weight.untyped_storage().data_ptr()
+    big = [t.shape for t in saved if t.untyped_storage().nbytes() >= 192 * 64 * 4]
+    assert big == [(192, 64)] and any(t.untyped_storage().data_ptr() == weight for t in saved)
 
 
 def test_reference_rejects_rules_it_does_not_implement():
