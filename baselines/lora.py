@@ -14,6 +14,7 @@ from snell.registry import Calibration, TuningConfig, register_method
 from snell.wrap import (
     DEFAULT_TARGETS,
     AdaptedLinear,
+    branch_dropout,
     check_patterns_match,
     freeze_all_but_head,
     replace_modules,
@@ -30,7 +31,7 @@ class LoraLinear(AdaptedLinear):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = branch_dropout(dropout)
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,18 +74,23 @@ class RunConfig:
     seed: int
     method_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    label_options: tuple[str, ...] | None = None
+    """The options named in the row label (None: all); a sweep names only those its grid entry varies."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        return cls(**{**data, "train": TrainConfig(**data["train"])})
+        fields = {**data, "train": TrainConfig(**data["train"])}
+        if fields.get("label_options") is not None:  # a JSON list in records
+            fields["label_options"] = tuple(fields["label_options"])
+        return cls(**fields)
 
     @property
     def label(self) -> str:
         """A short human name for the method with its options, e.g. ``snell-8 piecewise_linear s=0.9``."""
-        return method_label(self.method, self.method_options)
+        return method_label(self.method, self.method_options, self.label_options)
 
     @property
     def run_id(self) -> str:
@@ -97,8 +103,10 @@ LABEL_HIDDEN = {"calibration_batches"}
 """Options that change how a method is set up but not what it is: left out of row names."""
 
 
-def method_label(method: str, options: dict[str, Any]) -> str:
-    """Readable name of a method and its options, e.g. ``snell-8 piecewise_linear s=0.9`` (row names)."""
+def method_label(method: str, options: dict[str, Any], named: Sequence[str] | None = None) -> str:
+    """Readable name of a method and its options, e.g. ``snell-8 piecewise_linear s=0.9`` (row names).
+
+    ``named`` limits the options spelled out after rank, kernel and sparsity (default: every option)."""
     import snell
 
     resolved = snell.method_config(method, **options).to_dict()
@@ -106,6 +114,7 @@ def method_label(method: str, options: dict[str, Any]) -> str:
     parts = [f"{method}-{rank}" if rank is not None else method]
     if method == "snell":
         parts += [resolved["kernel"], f"s={resolved['sparsity']}"]
-    shown = {"rank", "kernel", "sparsity"} | LABEL_HIDDEN
-    parts += [f"{k}={v}" for k, v in sorted(options.items()) if k not in shown]
+    hidden = {"rank", "kernel", "sparsity"} | LABEL_HIDDEN
+    spelled = [k for k in sorted(options) if k not in hidden and (named is None or k in named)]
+    parts += [f"{k}={options[k]}" for k in spelled]
     return " ".join(parts)

@@ -19,7 +19,11 @@ FAILED_LABEL = {"oom": "OOM", "diverged": "diverged", "error": "error"}
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per run: config, resolved method options, metrics, status and provenance."""
+    """One row per run: config, resolved method options, metrics, status and provenance.
+
+    Runs that share a label but not their training settings (an lr sweep) get those settings appended
+    to the label (``lora-8 lr=0.003``), so that no table averages different settings together.
+    """
     rows = []
     for r in records:
         method_cfg = r.get("method_config") or {
@@ -49,8 +53,17 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "update_rank": metrics.get("update_rank"),
             "device": r["provenance"].get("device"),
             "git_commit": r["provenance"].get("git_commit"),
+            "lr": r["config"]["train"].get("lr"),
         })  # fmt: skip
-    return pd.DataFrame(rows).astype({"rank": "Int64"})
+    df = pd.DataFrame(rows).astype({"rank": "Int64"})
+    if df.empty:
+        return df
+    train = pd.DataFrame([r["config"]["train"] for r in records], index=df.index).astype(str)
+    for label, runs in train.groupby(df.label):
+        varying = [column for column in runs if runs[column].nunique() > 1]
+        for i, settings in runs[varying].iterrows():
+            df.loc[i, "label"] = " ".join([label, *(f"{k}={v}" for k, v in settings.items())])
+    return df
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:

@@ -182,7 +182,10 @@ def parse_sweep(data: Any, source: str = "sweep") -> Sweep:
                     problems.append(f"{where} ({method} {options}): {err}")
                     continue
                 if train is not None:
-                    runs += [RunConfig(t, method, seed, options, train) for t in tasks for seed in seeds]
+                    named = tuple(sorted(option_grid))
+                    runs += [
+                        RunConfig(t, method, seed, options, train, named) for t in tasks for seed in seeds
+                    ]
     problems = list(dict.fromkeys(problems))  # a bad task repeated over entries is reported once
     if problems:
         raise SweepError(source, problems)

@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from .kernels import Kernel
 from .sparsify import apply_rule, threshold
-from .wrap import AdaptedLinear
+from .wrap import AdaptedLinear, branch_dropout
 
 BLOCK_ENTRIES = {"cpu": 2**19, "cuda": 2**22}
 """Backward recomputes dW in blocks of about this many entries per device type, so that its temporaries
@@ -144,7 +144,7 @@ class SnellLinear(AdaptedLinear):
         for p in (self.lora_A, self.lora_B):
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))
         self.kernel = kernel.to(**factory)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = branch_dropout(dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self._kernel_names = [n for n, _ in self.kernel.named_parameters()]
 

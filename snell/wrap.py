@@ -47,6 +47,23 @@ class AdaptedLinear(nn.Module):
         return out
 
 
+class BranchDropout(nn.Dropout):
+    """Dropout on an adapter branch's input that keeps a 1-byte mask for backward on every device.
+
+    ``nn.Dropout`` on a CPU multiplies by a float noise tensor and keeps it (4 bytes per element), while
+    CUDA's fused kernel keeps a bool mask; ``torch.native_dropout`` is that fused op on every device, so
+    CPU runs and the CPU memory estimates save what a GPU run saves.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.native_dropout(x, self.p, True)[0] if self.training else x
+
+
+def branch_dropout(p: float) -> nn.Module:
+    """``BranchDropout(p)``, or an identity for p = 0 (so that code can test for 'no dropout')."""
+    return BranchDropout(p) if p > 0 else nn.Identity()
+
+
 def find_linear_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Names of ``nn.Linear`` modules matching any glob in ``patterns``.
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from bench.records import REQUIRED_KEYS
-from bench.report import build_report
+from bench.report import build_report, records_frame
 from tests.harness import record_files, run_bench
 
 FIGURES = ["memory_vs_accuracy.png", "kernels.png", "sparsity_per_kernel.png", "rank.png", "step_time.png"]
@@ -64,3 +64,12 @@ def test_rerun_reuses_records_and_report_rebuilds(quick_results):
     (quick_results / "summary.csv").unlink()
     build_report(quick_results)
     assert (quick_results / "summary.csv").exists()
+
+
+def test_runs_that_differ_only_in_training_settings_get_separate_rows(quick_results):
+    records = [json.loads(p.read_text()) for p in record_files(quick_results)]
+    lora = [r for r in records if r["label"] == "lora-8"]
+    lora[0]["config"]["train"]["lr"] = 0.01  # as if an lr sweep had run it
+    labels = set(records_frame(records).label)
+    assert {"lora-8 lr=0.01", "lora-8 lr=0.001"} <= labels and "lora-8" not in labels
+    assert "full" in labels  # labels whose runs agree keep their name

@@ -124,3 +124,18 @@ def test_recompute_off_matches_and_keeps_the_update_alive():
     weight_ptr = layer.base.weight.untyped_storage().data_ptr()
     full_size = [s for s, p in saved_tensor_shapes(layer, x) if math.prod(s) >= 96 * 48 and p != weight_ptr]
     assert full_size  # dW and its intermediates stay alive for backward
+
+
+@pytest.mark.parametrize("method", ["snell", "lora"])
+def test_branch_dropout_keeps_a_one_byte_mask(method):
+    """Branch dropout keeps a bool mask and one float copy of the input, as CUDA's fused dropout does
+    (nn.Dropout on a CPU would keep a float noise tensor instead: 4 bytes per element, not 1)."""
+    model = nn.Sequential(nn.Linear(48, 48))
+    snell.apply_method(model, snell.method_config(method, rank=8, dropout=0.1, targets=("0",), train_head=False))
+    model.train()
+    x = torch.randn(6, 48, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        model(x).sum()
+    input_sized = sorted(str(t.dtype) for t in kept if t.shape == x.shape)
+    assert input_sized == ["torch.bool", "torch.float32"]

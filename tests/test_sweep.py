@@ -1,7 +1,10 @@
 """Sweep files: expansion into runs, and every mistake reported at once before anything runs."""
 
+import json
+
 import pytest
 
+from bench.config import RunConfig
 from bench.sweep import SweepError, load_sweep, parse_sweep
 from tests.harness import FAST_TRAIN
 
@@ -34,6 +37,16 @@ def test_entry_overrides_tasks_seeds_and_training():
 def test_per_method_default_options_apply():
     runs = parse_sweep(sweep([{"method": "lora"}], options={"lora": {"rank": 4}})).runs
     assert all(r.method_options == {"rank": 4} for r in runs)
+
+
+def test_labels_name_what_the_entry_varies_not_the_sweep_wide_options():
+    runs = parse_sweep(
+        sweep([{"method": "snell", "rank": 16, "rule": "eq5"}], options={"snell": {"dropout": 0.0}})
+    ).runs
+    assert {r.label for r in runs} == {"snell-16 piecewise_linear s=0.9 rule=eq5"}
+    assert all(r.method_options["dropout"] == 0.0 for r in runs)
+    restored = RunConfig.from_dict(json.loads(json.dumps(runs[0].to_dict())))
+    assert restored == runs[0] and restored.run_id == runs[0].run_id
 
 
 def test_run_id_is_stable_and_sensitive_to_config():
