@@ -3,6 +3,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 THREADS ?= 1
+RESULTS ?= results
 export OMP_NUM_THREADS ?= $(THREADS)
 
 .PHONY: setup bench bench-quick report pretrain memory perf notebooks test lint format clean bench-slurm
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 bench: $(STAMP)
-	$(PY) -m bench sweep bench/presets/default.yaml --results results
+	$(PY) -m bench sweep bench/presets/default.yaml --results $(RESULTS)
 
 bench-quick: $(STAMP)
 	$(PY) -m bench sweep bench/presets/quick.yaml --results results/quick
@@ -29,7 +30,7 @@ bench-slurm: $(STAMP)
 	$(PY) -m bench sweep $(SWEEP) --executor submitit --results results/slurm $(ARGS)
 
 report: $(STAMP)
-	$(PY) -m bench report --results results
+	$(PY) -m bench report --results $(RESULTS)
 
 pretrain: $(STAMP)
 	$(PY) -m bench pretrain

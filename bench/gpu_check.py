@@ -78,6 +78,7 @@ def measure(label: str, batch: int, precision: str, warmup: int, steps: int, est
         "step_time_ms": 1e3 * statistics.median(times),
         "images_per_s": batch / statistics.median(times),
         "trainable_params": snell.count_trainable(model),
+        "device": torch.cuda.get_device_name(),
     }
     if estimate and precision == "fp32":
         row["estimate_mib"] = estimate_step_memory(MODEL, config, batch, precision).peak_bytes / MIB

@@ -34,6 +34,7 @@ import snell
 from baselines.spt import SptConfig, _budget_entries
 from bench.backbones import create_backbone
 from bench.measure import MIB, StepMemoryTracker, peak_breakdown
+from snell.layer import blocks_as
 from snell.wrap import find_linear_targets
 
 PRECISIONS = ("fp32", "bf16")
@@ -139,12 +140,15 @@ def estimate_step_memory(
     precision: str = "fp32",
     img_size: int | None = None,
     num_classes: int = 100,
+    blocks: str = "cuda",
 ) -> MemoryEstimate:
     """Peak memory of one training step of timm ``model_name`` tuned by ``config``, allocating no tensor
-    data (a ViT-B/16 estimate needs well under 1 GB of real memory). ``img_size`` overrides the model's."""
+    data (a ViT-B/16 estimate needs well under 1 GB of real memory). ``img_size`` overrides the model's;
+    ``blocks``: the device type whose block size SNELL's backward uses (``snell.layer.BLOCK_ENTRIES``)."""
     _check_args(precision, batch_size)
     model = _backbone(model_name, img_size, num_classes, "meta")
-    with FakeTensorMode(allow_non_fake_inputs=True):  # the meta-device model is its only real input
+    # the meta-device model is the fake mode's only real input
+    with FakeTensorMode(allow_non_fake_inputs=True), blocks_as(blocks):
         setup = _setup(model.to_empty(device="cpu"), config, img_size)
         tracker = StepMemoryTracker()
         tracker.track_external(setup.model, setup.optimizer)

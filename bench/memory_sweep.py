@@ -52,6 +52,7 @@ PAPER_MB = {
 }
 """Peak training memory in the SNELL paper's tables (batch 8; GPS is its sparse-tuning baseline)."""
 PAPER_BATCH = 8
+GPU_CHECK_CSV = "results/gpu/gpu_check.csv"
 CSV_NAME, MD_NAME = "memory.csv", "memory_vs_paper.md"
 
 
@@ -164,8 +165,8 @@ def _claims_summary(estimates: pd.DataFrame) -> str:
         "LoRA-8 or SNELL-8 is NOT below both full fine-tuning and the gradient-mask variant at: "
         f"{', '.join(misses)}. Their saving is the static memory (gradients and AdamW state of the whole "
         "backbone), which grows with model size; activations grow with batch and are about the same for "
-        "every method that backpropagates through the backbone, plus a copy of each adapted layer's input "
-        "for the branch dropout (0.1 by default)."
+        "every method that backpropagates through the backbone, plus, for the branch dropout (0.1 by default), "
+        "a dropped copy of each adapted layer's input and its 1-byte mask."
     )
 
 
@@ -181,7 +182,22 @@ def _measured_table(frame: pd.DataFrame) -> str:
     return both[columns].to_markdown(index=False)
 
 
-def write_markdown(frame: pd.DataFrame, path: Path, command: str) -> None:
+def _gpu_check_table(estimates: pd.DataFrame, gpu_check: pd.DataFrame) -> str:
+    """Estimates beside ``bench gpu-check``'s CUDA peaks for the same (model, method, batch, precision)."""
+    keys = ["model", "method", "batch_size", "precision"]
+    both = gpu_check.merge(estimates, on=keys)
+    if both.empty:
+        return "(the GPU check shares no configuration with this sweep)"
+    both["measured / estimate"] = both.cuda_max_allocated_mib / both.peak_mib
+    both["estimate (MiB)"] = both.peak_mib.map(_mib)
+    both["CUDA max allocated (MiB)"] = both.cuda_max_allocated_mib.map(_mib)
+    columns = ["arch", "method", "batch_size", "estimate (MiB)", "CUDA max allocated (MiB)", "measured / estimate"]
+    return both[columns].to_markdown(index=False, floatfmt=".3f")
+
+
+def write_markdown(
+    frame: pd.DataFrame, path: Path, command: str, gpu_check: pd.DataFrame | None = None
+) -> None:
     """``memory_vs_paper.md``: our estimates beside the paper's tables, and what differs."""
     estimates = frame[frame.device == ESTIMATE_DEVICE]
     precision = ", ".join(sorted(estimates.precision.unique()))
@@ -229,6 +245,16 @@ def write_markdown(frame: pd.DataFrame, path: Path, command: str) -> None:
     ]
     if (frame.device != ESTIMATE_DEVICE).any():
         lines += ["", "## Real measurements beside the estimates", "", _measured_table(frame)]
+    if gpu_check is not None:
+        devices = ", ".join(sorted(gpu_check.device.unique())) if "device" in gpu_check else "a GPU"
+        lines += [
+            "",
+            f"## Checked on a GPU ({devices}, `{GPU_CHECK_CSV}`)",
+            "",
+            "`torch.cuda.max_memory_allocated` of the same steps, from `python -m bench gpu-check`:",
+            "",
+            _gpu_check_table(estimates, gpu_check),
+        ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -244,6 +270,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--replot", action="store_true", help=f"only redraw the figures and markdown from {CSV_NAME}"
+    )
+    parser.add_argument(
+        "--gpu-check",
+        type=Path,
+        default=Path(GPU_CHECK_CSV),
+        help="CUDA peaks from `bench gpu-check` to put beside the estimates, if the file exists",
     )
     return parser.parse_args(argv)
 
@@ -278,5 +310,6 @@ def main(argv: list[str] | None = None) -> None:
         estimates, args.results / f"memory_breakdown_{slug}_b{batch}.png", arch, batch, list(METHODS)
     )
     command = shlex.join(["python", "-m", "bench", "memory-sweep", *(sys.argv[1:] if argv is None else argv)])
-    write_markdown(frame, args.results / MD_NAME, command)
+    gpu_check = pd.read_csv(args.gpu_check) if args.gpu_check.is_file() else None
+    write_markdown(frame, args.results / MD_NAME, command, gpu_check)
     print(f"wrote {args.results / CSV_NAME}, the figures and {args.results / MD_NAME}")

@@ -12,6 +12,8 @@ The threshold is a selection, not a sort (``snell.sparsify.threshold``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,24 @@ On a CPU, 2 MiB blocks cost no time (the matmuls stay compute-bound); on a GPU e
 with 2**22). Other devices use the CUDA size."""
 
 
+_blocks_as: str | None = None
+
+
+@contextmanager
+def blocks_as(device_type: str) -> Iterator[None]:
+    """Split dW into the blocks of ``device_type`` whatever device the tensors are on.
+
+    Memory estimates of a GPU step run on fake CPU tensors; inside this context their backward uses the
+    GPU's block size, so that the estimated temporaries (and the time to estimate) follow the GPU's.
+    """
+    global _blocks_as
+    previous, _blocks_as = _blocks_as, device_type
+    try:
+        yield
+    finally:
+        _blocks_as = previous
+
+
 def _split(start: int, stop: int, size: int) -> list[slice]:
     """[start, stop) as about equal slices of at most about ``size``, lengths multiples of 64 but the
     last: matmuls on slices that start off a 64-entry boundary run up to 1.7x slower (MKL, measured)."""
@@ -48,7 +68,7 @@ def weight_blocks(
     The longer side is split, so that blocks stay wide enough for efficient matmuls; column blocks span
     every row (and so every group), row blocks stay inside one threshold group.
     """
-    entries = BLOCK_ENTRIES.get(device.type, BLOCK_ENTRIES["cuda"])
+    entries = BLOCK_ENTRIES.get(_blocks_as or device.type, BLOCK_ENTRIES["cuda"])
     everything = slice(None)
     if in_features >= out_features or out_features * in_features <= entries:
         return [(everything, cols, everything) for cols in _split(0, in_features, entries // out_features)]

@@ -121,6 +121,20 @@ def test_markdown_puts_our_figures_beside_the_paper(tmp_path):
     assert set(table["SNELL-8 / LoRA-8"]) == {"1.05"}
 
 
+def test_markdown_puts_gpu_peaks_beside_the_estimates(tmp_path):
+    gpu = pd.DataFrame([
+        {"model": "vit_base_patch16_224", "method": "lora-8", "batch_size": 8, "precision": "fp32",
+         "cuda_max_allocated_mib": 1100.0, "device": "NVIDIA H200"},
+        {"model": "vit_base_patch16_224", "method": "lora-8", "batch_size": 8, "precision": "bf16",
+         "cuda_max_allocated_mib": 900.0, "device": "NVIDIA H200"},  # no fp32 estimate of its own: left out
+    ])  # fmt: skip
+    path = tmp_path / "memory_vs_paper.md"
+    write_markdown(fake_sweep(), path, "python -m bench memory-sweep", gpu)
+    section = path.read_text().split("## Checked on a GPU (NVIDIA H200")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| ViT")]
+    assert rows == [next(r for r in rows if "lora-8" in r and "1.100" in r)]  # 1100 / 1000 MiB
+
+
 def test_figures_are_written(tmp_path):
     frame = fake_sweep()
     plot_memory_vs_model_size(frame, tmp_path / "size.png", list(METHODS))
