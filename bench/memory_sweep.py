@@ -165,8 +165,8 @@ def _claims_summary(estimates: pd.DataFrame) -> str:
         "LoRA-8 or SNELL-8 is NOT below both full fine-tuning and the gradient-mask variant at: "
         f"{', '.join(misses)}. Their saving is the static memory (gradients and AdamW state of the whole "
         "backbone), which grows with model size; activations grow with batch and are about the same for "
-        "every method that backpropagates through the backbone, plus, for the branch dropout (0.1 by default), "
-        "a dropped copy of each adapted layer's input and its 1-byte mask."
+        "every method that backpropagates through the backbone, plus, for the branch dropout (0.1 by "
+        "default), a dropped copy of each adapted layer's input and its 1-byte mask."
     )
 
 
@@ -191,7 +191,8 @@ def _gpu_check_table(estimates: pd.DataFrame, gpu_check: pd.DataFrame) -> str:
     both["measured / estimate"] = both.cuda_max_allocated_mib / both.peak_mib
     both["estimate (MiB)"] = both.peak_mib.map(_mib)
     both["CUDA max allocated (MiB)"] = both.cuda_max_allocated_mib.map(_mib)
-    columns = ["arch", "method", "batch_size", "estimate (MiB)", "CUDA max allocated (MiB)", "measured / estimate"]
+    columns = ["arch", "method", "batch_size", "estimate (MiB)", "CUDA max allocated (MiB)"]
+    columns.append("measured / estimate")
     return both[columns].to_markdown(index=False, floatfmt=".3f")
 
 

@@ -131,7 +131,8 @@ def test_branch_dropout_keeps_a_one_byte_mask(method):
     """Branch dropout keeps a bool mask and one float copy of the input, as CUDA's fused dropout does
     (nn.Dropout on a CPU would keep a float noise tensor instead: 4 bytes per element, not 1)."""
     model = nn.Sequential(nn.Linear(48, 48))
-    snell.apply_method(model, snell.method_config(method, rank=8, dropout=0.1, targets=("0",), train_head=False))
+    config = snell.method_config(method, rank=8, dropout=0.1, targets=("0",), train_head=False)
+    snell.apply_method(model, config)
     model.train()
     x = torch.randn(6, 48, requires_grad=True)
     kept = []
