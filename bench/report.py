@@ -121,6 +121,14 @@ def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
     return table.loc[list(order)].rename_axis("method")
 
 
+def validation_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Mean validation top-1 per method and task: what settings (an lr, a sparsity) are chosen on."""
+    tasks = _task_order(summary.task)
+    table = summary.pivot(index="label", columns="task", values="val_mean")[tasks]
+    table["mean"] = table.mean(axis=1, skipna=False)
+    return table.sort_values("mean", ascending=False).round(1).rename_axis("method")
+
+
 def snell_rows(summary: pd.DataFrame, **fixed) -> pd.DataFrame:
     """SNELL rows whose resolved options equal ``fixed`` (e.g. rank=8, sparsity=0.9)."""
     rows = summary[summary.method == "snell"]
@@ -175,6 +183,9 @@ def build_report(results: str | Path) -> pd.DataFrame:
         "Sparsity per kernel (rank 8)": ablation_table(summary, "sparsity", rank=8),
         "Rank (piecewise_linear, sparsity 0.9)": ablation_table(
             summary, "rank", sparsity=0.9, kernel="piecewise_linear"
+        ),
+        "Validation top-1, mean over seeds (choose settings on this, report the test tables)": (
+            validation_table(summary)
         ),
     }
     write_markdown(tables, results / "tables" / "results.md", header)

@@ -47,9 +47,11 @@ def test_tables_and_figures_exist(quick_results):
     assert {"label", "task", "test_mean", "test_std", "trainable_params", "peak_memory_mib"} <= set(summary)
     assert len(summary) == 9 * 2
     tables = (quick_results / "tables" / "results.md").read_text()
-    for title in ("Methods x tasks", "Kernels", "Sparsity per kernel", "Rank"):
+    for title in ("Methods x tasks", "Kernels", "Sparsity per kernel", "Rank", "Validation top-1"):
         assert f"## {title}" in tables
     assert "| full " in tables and "| linear " in tables and "spt-lora" in tables
+    validation = tables.split("## Validation top-1")[1]
+    assert sum(line.startswith("| ") for line in validation.splitlines()) == 1 + 9  # header + every method
     for name in FIGURES:
         path = quick_results / "figures" / name
         assert path.exists() and path.stat().st_size > 10_000, name
