@@ -298,7 +298,7 @@ def _head(model: nn.Module) -> nn.Module:
     return model.get_classifier() if hasattr(model, "get_classifier") else nn.Identity()
 
 
-def _budget_entries(model: nn.Module, budget: int | float) -> int:
+def budget_entries(model: nn.Module, budget: int | float) -> int:
     if isinstance(budget, int):
         return budget
     head = {id(p) for p in _head(model).parameters()}
@@ -317,7 +317,7 @@ def _select(
     params = {**{n: layer.weight for n, layer in layers.items()}, **vectors}
     scores = sensitivity(model, params, calibration, cfg.calibration_batches)
     lora_costs = {n: cfg.rank * (layer.in_features + layer.out_features) for n, layer in layers.items()}
-    budget = _budget_entries(model, cfg.budget)
+    budget = budget_entries(model, cfg.budget)
     alloc = allocate(scores, lora_costs, budget, cfg.alpha_threshold, cfg.beta_threshold)
     matrices = {
         n: "lora" if n in alloc.lora else alloc.sparse[n].numel()

@@ -31,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.profiler import ProfilerActivity, profile
 
 import snell
-from baselines.spt import SptConfig, _budget_entries
+from baselines.spt import SptConfig, budget_entries
 from bench.backbones import create_backbone
 from bench.measure import MIB, StepMemoryTracker, peak_breakdown
 from snell.layer import blocks_as
@@ -78,7 +78,7 @@ def uniform_spt_plan(model: nn.Module, cfg: SptConfig) -> SptConfig:
     LoRA's memory instead) and the layout of sparse tuning like GPS, which tunes entries of every matrix.
     """
     names = find_linear_targets(model, cfg.targets)
-    share = max(1, _budget_entries(model, cfg.budget) // len(names))
+    share = max(1, budget_entries(model, cfg.budget) // len(names))
     return dataclasses.replace(cfg, plan={"matrices": dict.fromkeys(names, share), "vectors": []})
 
 
@@ -126,6 +126,23 @@ def _train_step(setup: _Setup, batch_size: int, precision: str) -> None:
     setup.optimizer.zero_grad(set_to_none=True)
 
 
+def _result(
+    setup: _Setup,
+    model_name: str,
+    batch_size: int,
+    precision: str,
+    peak: int,
+    breakdown: dict[str, int],
+    device: str,
+) -> MemoryEstimate:
+    """The MemoryEstimate of a step of ``setup``'s model (estimated or measured on ``device``)."""
+    config = setup.model.tuning_config.to_dict()
+    trainable = snell.count_trainable(setup.model)
+    return MemoryEstimate(
+        model_name, config, batch_size, precision, peak, breakdown, setup.params_total, trainable, device
+    )
+
+
 def _check_args(precision: str, batch_size: int) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
@@ -155,17 +172,7 @@ def estimate_step_memory(
         with tracker:
             _train_step(setup, batch_size, precision)
     peak, breakdown = peak_breakdown(tracker)
-    return MemoryEstimate(
-        model_name,
-        setup.model.tuning_config.to_dict(),
-        batch_size,
-        precision,
-        peak,
-        breakdown,
-        setup.params_total,
-        snell.count_trainable(setup.model),
-        ESTIMATE_DEVICE,
-    )
+    return _result(setup, model_name, batch_size, precision, peak, breakdown, ESTIMATE_DEVICE)
 
 
 def _allocations(nodes: list, device: torch.device) -> Iterator:
@@ -216,17 +223,7 @@ def measure_step_memory(
     setup = _setup(_backbone(model_name, img_size, num_classes, device), config, img_size)
     peak = _measured_peak(setup, lambda: _train_step(setup, batch_size, precision))
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "measured: CPU"
-    return MemoryEstimate(
-        model_name,
-        setup.model.tuning_config.to_dict(),
-        batch_size,
-        precision,
-        peak,
-        {},
-        setup.params_total,
-        snell.count_trainable(setup.model),
-        name,
-    )
+    return _result(setup, model_name, batch_size, precision, peak, {}, name)
 
 
 def format_estimate(estimate: MemoryEstimate) -> str:

@@ -170,29 +170,17 @@ def _claims_summary(estimates: pd.DataFrame) -> str:
     )
 
 
-def _measured_table(frame: pd.DataFrame) -> str:
-    estimated = frame[frame.device == ESTIMATE_DEVICE]
-    measured = frame[frame.device != ESTIMATE_DEVICE]
-    keys = ["arch", "method", "batch_size", "precision"]
-    both = measured.merge(estimated, on=keys, suffixes=("", "_estimate"))
-    both["measured / estimate"] = (both.peak_mib / both.peak_mib_estimate).map("{:.3f}".format)
+def _measured_table(measured: pd.DataFrame, estimates: pd.DataFrame) -> str:
+    """Real peaks (``peak_mib``, ``device``) beside the estimates of the same model, method, batch and
+    precision: this sweep's ``--measure`` rows, or ``bench gpu-check``'s."""
+    keys = ["model", "method", "batch_size", "precision"]
+    both = measured.merge(estimates, on=keys, suffixes=("", "_estimate"))
+    if both.empty:
+        return "(none of the measured configurations is in this sweep)"
+    both["measured / estimate"] = both.peak_mib / both.peak_mib_estimate
     both["measured (MiB)"] = both.peak_mib.map(_mib)
     both["estimate (MiB)"] = both.peak_mib_estimate.map(_mib)
-    columns = [*keys, "device", "estimate (MiB)", "measured (MiB)", "measured / estimate"]
-    return both[columns].to_markdown(index=False)
-
-
-def _gpu_check_table(estimates: pd.DataFrame, gpu_check: pd.DataFrame) -> str:
-    """Estimates beside ``bench gpu-check``'s CUDA peaks for the same (model, method, batch, precision)."""
-    keys = ["model", "method", "batch_size", "precision"]
-    both = gpu_check.merge(estimates, on=keys)
-    if both.empty:
-        return "(the GPU check shares no configuration with this sweep)"
-    both["measured / estimate"] = both.cuda_max_allocated_mib / both.peak_mib
-    both["estimate (MiB)"] = both.peak_mib.map(_mib)
-    both["CUDA max allocated (MiB)"] = both.cuda_max_allocated_mib.map(_mib)
-    columns = ["arch", "method", "batch_size", "estimate (MiB)", "CUDA max allocated (MiB)"]
-    columns.append("measured / estimate")
+    columns = ["arch", *keys[1:], "device", "estimate (MiB)", "measured (MiB)", "measured / estimate"]
     return both[columns].to_markdown(index=False, floatfmt=".3f")
 
 
@@ -244,17 +232,18 @@ def write_markdown(
         "",
         _peaks(estimates).map(_mib).reset_index().to_markdown(index=False),
     ]
-    if (frame.device != ESTIMATE_DEVICE).any():
-        lines += ["", "## Real measurements beside the estimates", "", _measured_table(frame)]
+    measured = frame[frame.device != ESTIMATE_DEVICE]
+    if not measured.empty:
+        lines += ["", "## Real measurements beside the estimates", "", _measured_table(measured, estimates)]
     if gpu_check is not None:
-        devices = ", ".join(sorted(gpu_check.device.unique())) if "device" in gpu_check else "a GPU"
+        gpu_peaks = gpu_check.rename(columns={"cuda_max_allocated_mib": "peak_mib"})
         lines += [
             "",
-            f"## Checked on a GPU ({devices}, `{GPU_CHECK_CSV}`)",
+            f"## Checked on a GPU ({', '.join(sorted(gpu_check.device.unique()))}, `{GPU_CHECK_CSV}`)",
             "",
             "`torch.cuda.max_memory_allocated` of the same steps, from `python -m bench gpu-check`:",
             "",
-            _gpu_check_table(estimates, gpu_check),
+            _measured_table(gpu_peaks, estimates),
         ]
     path.write_text("\n".join(lines) + "\n")
 

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import nbformat
 from nbclient import NotebookClient
@@ -32,20 +33,13 @@ KERNEL_NAME = "python3"
 @contextlib.contextmanager
 def environment(**values: str | None) -> Iterator[None]:
     """Set (or, for None, unset) environment variables for the kernels started inside the block."""
-    saved = {key: os.environ.get(key) for key in values}
-    try:
+    with mock.patch.dict(os.environ):  # restores the whole environment on exit
         for key, value in values.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def execute_notebook(
