@@ -13,49 +13,72 @@ from snell.model import check_rank_fits, set_cls_token_trainable
 from snell.registry import Calibration, TuningConfig, register_method
 from snell.wrap import (
     DEFAULT_TARGETS,
+    NO_DROPOUT_TARGETS,
     AdaptedLinear,
     branch_dropout,
     check_patterns_match,
+    check_qkv_layout,
     freeze_all_but_head,
+    matches,
+    qkv_groups,
     replace_modules,
 )
 
 
 class LoraLinear(AdaptedLinear):
-    """A frozen linear layer plus a low-rank parallel branch (PEFT's layout: A is r x in, B is out x r)."""
+    """A frozen linear layer plus a low-rank parallel branch (PEFT's layout: A is r x in, B is out x r).
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+    ``groups`` > 1 splits the output rows into blocks with their own A (q, k and v of a fused qkv, as
+    the public SNELL code's separate layers): ``lora_A`` stacks them (groups r x in), and block k of the
+    output is B_k A_k x. With one group this is PEFT's LoRA exactly.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, groups: int = 1) -> None:
         super().__init__(base)
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
+        self.groups = groups
+        self.lora_A = nn.Parameter(torch.empty(groups * rank, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # fan-in = in_features, per group too
         self.scaling = alpha / rank
         self.dropout = branch_dropout(dropout)
 
+    def _b_matrix(self) -> Tensor:
+        """B as one (out x groups r) matrix: block diagonal over the groups, so that one matmul maps the
+        stacked A's hidden units to the output (exact: the off-diagonal zeros add nothing)."""
+        if self.groups == 1:
+            return self.lora_B
+        return torch.block_diag(*self.lora_B.view(self.groups, -1, self.lora_B.shape[1]).unbind())
+
     def delta_weight(self) -> Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling
+        return (self._b_matrix() @ self.lora_A) * self.scaling
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self._b_matrix().T) * self.scaling
 
 
 @dataclass(frozen=True)
 class LoraConfig(TuningConfig):
     """rank r, alpha (scaling alpha / r; alpha = r gives scaling 1), branch dropout, target globs.
 
-    Dropout and cls-token training default to SNELL's settings so that comparisons are like for like.
+    qkv: 'separate' (own A for q, k and v, as SNELL's default and the public code's layers) or
+    'shared_a' (one A on timm's fused qkv: PEFT's LoRA on a timm ViT). Dropout, the targets whose input
+    is not dropped and cls-token training default to SNELL's settings so that comparisons are like for
+    like.
     """
 
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.1
+    no_dropout_targets: tuple[str, ...] = NO_DROPOUT_TARGETS
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    qkv: str = "separate"
     train_cls_token: bool = True
 
     def validate(self) -> None:
         check_rank(self.rank)
         check_probability("dropout", self.dropout)
+        check_qkv_layout(self.qkv, ("separate", "shared_a"))
         if not self.targets:
             raise ValueError("targets must name at least one module pattern")
 
@@ -66,5 +89,15 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, calibration: Calibration = Non
     check_rank_fits(model, names, cfg.rank)
     freeze_all_but_head(model, cfg.train_head)
     set_cls_token_trainable(model, cfg.train_cls_token)
-    replace_modules(model, names, lambda _, layer: LoraLinear(layer, cfg.rank, cfg.alpha, cfg.dropout))
+    replace_modules(
+        model,
+        names,
+        lambda name, layer: LoraLinear(
+            layer,
+            cfg.rank,
+            cfg.alpha,
+            0.0 if matches(name, cfg.no_dropout_targets) else cfg.dropout,
+            groups=qkv_groups(name, layer, cfg.qkv) if cfg.qkv == "separate" else 1,  # shared A: plain LoRA
+        ),
+    )
     return cfg

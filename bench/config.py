@@ -18,7 +18,12 @@ EMBEDDED_BACKBONE = "vit_mnist_patch7_28"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training settings (the paper's: AdamW, cosine with warmup, batch 32, lr 1e-3, wd 1e-4)."""
+    """Training settings (the paper's: AdamW, cosine with warmup, batch 32, lr 1e-3, wd 1e-4).
+
+    The schedule warms up linearly for ``warmup_epochs`` from ``warmup_lr`` (None: lr x 1e-3), then
+    decays by a cosine to ``min_lr``. ``drop_path_rate`` is the frozen backbone's own stochastic depth
+    (timm's; the public SNELL scripts use 0.1), apart from any adapter's drop-path.
+    """
 
     backbone: str = EMBEDDED_BACKBONE
     checkpoint: str | None = None
@@ -30,6 +35,9 @@ class TrainConfig:
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
     warmup_epochs: float = 1.0
+    warmup_lr: float | None = None
+    min_lr: float = 0.0
+    drop_path_rate: float = 0.0
     batch_size: int = 32
     eval_batch_size: int = 256
     lr: float = 1e-3
@@ -51,10 +59,14 @@ class TrainConfig:
             limit = getattr(self, name)
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
                 problems.append(f"{name}={limit!r} must be an integer >= 1 or null (no limit)")
-        for name in ("lr", "weight_decay", "warmup_epochs", "label_smoothing", "diverge_loss"):
+        for name in ("lr", "weight_decay", "warmup_epochs", "min_lr", "label_smoothing", "diverge_loss"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
                 problems.append(f"{name}={value!r} must be a number >= 0")
+        if self.warmup_lr is not None and (not isinstance(self.warmup_lr, int | float) or self.warmup_lr < 0):
+            problems.append(f"warmup_lr={self.warmup_lr!r} must be a number >= 0 or null (lr x 1e-3)")
+        if not isinstance(self.drop_path_rate, int | float) or not 0 <= self.drop_path_rate < 1:
+            problems.append(f"drop_path_rate={self.drop_path_rate!r} must be a number in [0, 1)")
         if isinstance(self.lr, int | float) and self.lr == 0:
             problems.append("lr=0 trains nothing; use a positive learning rate")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):

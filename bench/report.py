@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 import pandas as pd
+from scipy import stats
 
 from bench.records import load_records
 
@@ -129,6 +130,30 @@ def validation_table(summary: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values("mean", ascending=False).round(1).rename_axis("method")
 
 
+def paired_differences(df: pd.DataFrame, reference: str = "lora-8", confidence: float = 0.95) -> pd.DataFrame:
+    """Each method's test top-1 minus ``reference``'s over the (task, seed) pairs both finished, with a
+    paired t interval: a difference is called real only where the interval excludes 0."""
+    ok = df[df.status == "ok"].pivot_table(index=["task", "seed"], columns="label", values="test_acc")
+    if reference not in ok:
+        return pd.DataFrame()
+    rows = []
+    for label in ok.columns.drop(reference):
+        diff = (ok[label] - ok[reference]).dropna()
+        n = len(diff)
+        half = stats.t.ppf((1 + confidence) / 2, n - 1) * diff.std() / n**0.5 if n > 1 else float("nan")
+        low, high = diff.mean() - half, diff.mean() + half
+        rows.append({
+            "method": label,
+            "pairs": n,
+            f"minus {reference}": diff.mean(),
+            "95% CI low": low,
+            "95% CI high": high,
+            "real (CI excludes 0)": "yes" if low > 0 or high < 0 else "no",
+        })  # fmt: skip
+    table = pd.DataFrame(rows).set_index("method").sort_values(f"minus {reference}", ascending=False)
+    return table.round(2)
+
+
 def snell_rows(summary: pd.DataFrame, **fixed) -> pd.DataFrame:
     """SNELL rows whose resolved options equal ``fixed`` (e.g. rank=8, sparsity=0.9)."""
     rows = summary[summary.method == "snell"]
@@ -179,6 +204,9 @@ def build_report(results: str | Path) -> pd.DataFrame:
     )
     tables = {
         "Methods x tasks": accuracy_table(summary),
+        "Difference from lora-8 in test top-1, paired over (task, seed), 95% t interval": (
+            paired_differences(df)
+        ),
         "Kernels (rank 8, sparsity 0.9)": ablation_table(summary, "kernel", rank=8, sparsity=0.9),
         "Sparsity per kernel (rank 8)": ablation_table(summary, "sparsity", rank=8),
         "Rank (piecewise_linear, sparsity 0.9)": ablation_table(

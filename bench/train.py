@@ -61,14 +61,21 @@ def loader(dataset: Dataset, batch_size: int, seed: int | None, cfg: TrainConfig
 
 
 def make_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, total_steps: int, warmup_steps: int, warmup_lr: float
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    total_steps: int,
+    warmup_steps: int,
+    warmup_lr: float,
+    min_lr: float = 0.0,
 ) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
     """timm's AdamW over the trainable parameters (no decay on biases, norms, tokens), with a per-step
-    linear warmup from ``warmup_lr`` then cosine decay to 0 (timm's scheduler)."""
+    linear warmup from ``warmup_lr`` then cosine decay to ``min_lr`` (timm's scheduler)."""
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay)
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=max(total_steps - warmup_steps, 1),
+        lr_min=min_lr,
         warmup_t=warmup_steps,
         warmup_lr_init=warmup_lr,
         warmup_prefix=True,
@@ -104,7 +111,9 @@ def build_model(run: RunConfig) -> Model:
     device = resolve_device(cfg.device)
     task = build_task(run.task, cfg.data_root, cfg.img_size, protocol=cfg.protocol)
     torch.manual_seed(run.seed)
-    net = create_backbone(cfg.backbone, task.num_classes, cfg.checkpoint, cfg.pretrained).to(device)
+    net = create_backbone(
+        cfg.backbone, task.num_classes, cfg.checkpoint, cfg.pretrained, drop_path_rate=cfg.drop_path_rate
+    ).to(device)
     method_config = snell.method_config(run.method, **run.method_options)
     calibration = (
         (x.to(device), y.to(device)) for x, y in loader(task.train, cfg.batch_size, run.seed + 10_000, cfg)
@@ -124,8 +133,9 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
     steps_per_epoch = min(len(train_loader), cfg.limit_train_batches or len(train_loader))
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
+    warmup_lr = cfg.lr * 1e-3 if cfg.warmup_lr is None else cfg.warmup_lr
     optimizer, scheduler = make_optimizer(
-        net, cfg.lr, cfg.weight_decay, total_steps, warmup_steps, warmup_lr=cfg.lr * 1e-3
+        net, cfg.lr, cfg.weight_decay, total_steps, warmup_steps, warmup_lr=warmup_lr, min_lr=cfg.min_lr
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 

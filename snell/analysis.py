@@ -2,19 +2,18 @@
 
 ``fit_kernel_factors`` is the setup of the paper's Fig. 4a: approximate a random full-rank matrix T with
 dW = kappa(A, B) from rank-r factors A (in x r), B (out x r), minimising the mean squared error with
-Adam. Factors start kaiming-uniform, as in ``SnellLinear``; the kernel's own learnable parameters (e.g. a
-mixture's weights) are fitted too.
+Adam. Factors start as in ``SnellLinear`` (the public code's init); the kernel's own learnable
+parameters (e.g. a mixture's weights) are fitted too.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .kernels import build_kernel
+from .kernels import build_kernel, init_factor_
 
 RANK_RTOL = 1e-4
 """Default relative tolerance of ``numerical_rank``: singular values above RANK_RTOL * sigma_max count
@@ -68,7 +67,7 @@ def fit_kernel_factors(
     a = nn.Parameter(torch.empty(in_features, rank))
     b = nn.Parameter(torch.empty(out_features, rank))
     for factor in (a, b):
-        nn.init.kaiming_uniform_(factor, a=math.sqrt(5))
+        init_factor_(factor, module)
     optimizer = torch.optim.Adam([a, b, *module.parameters()], lr=lr)
     losses = []
     for _ in range(steps):

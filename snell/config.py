@@ -8,7 +8,7 @@ from typing import Any
 from .kernels import check_kernel_name, check_kernel_options
 from .registry import TuningConfig
 from .sparsify import check_rule, check_sparsity
-from .wrap import DEFAULT_TARGETS
+from .wrap import DEFAULT_TARGETS, NO_DROPOUT_TARGETS, check_qkv_layout
 
 
 def check_rank(rank: Any) -> None:
@@ -27,12 +27,16 @@ class SnellConfig(TuningConfig):
 
     rank: r of the factors A (in x r), B (out x r). kernel: a name from ``snell.list_kernels()``;
     kernel_options go to its constructor. sparsity: fraction of dW's entries zeroed, in [0, 1)
-    (0 = kernelized LoRA without sparsification). rule: 'public' (default, as the published numbers),
-    'eq5' or 'hard'. targets: globs over module names. separate_qkv_thresholds: q, k and v of a fused
-    ``qkv`` compete separately. dropout / drop_path: on the branch input / output, as the public code.
-    train_cls_token: the public code trains the cls token too (ignored if the model has none).
-    recompute: True (default) keeps no out x in tensor for backward; False runs plain autograd on
-    W0 + S(dW), which keeps dW and its intermediates alive (the ablation that shows what the trick saves).
+    (0 = kernelized LoRA without sparsification: the update is dW itself, as the public code's KLoRA).
+    rule: 'public' (default, as the published numbers), 'eq5' or 'hard'. targets: globs over module
+    names. qkv: how a fused ``qkv`` is adapted (``snell.wrap.QKV_LAYOUTS``): 'separate' (default: own
+    factors, threshold and drop-path for q, k and v, as the public code's separate layers), 'shared_a'
+    (one A; this suite's earlier layout) or 'fused' (one matrix, one threshold).
+    dropout / drop_path: on the branch input / output, as the public code; no_dropout_targets: targets
+    whose branch input is not dropped (the public code's attn.proj). train_cls_token: the public code
+    trains the cls token too (ignored if the model has none). recompute: True (default) keeps no
+    out x in tensor for backward; False runs plain autograd on W0 + S(dW), which keeps dW and its
+    intermediates alive (the ablation that shows what the trick saves).
     """
 
     rank: int = 8
@@ -41,8 +45,9 @@ class SnellConfig(TuningConfig):
     sparsity: float = 0.9
     rule: str = "public"
     targets: tuple[str, ...] = DEFAULT_TARGETS
-    separate_qkv_thresholds: bool = True
+    qkv: str = "separate"
     dropout: float = 0.1
+    no_dropout_targets: tuple[str, ...] = NO_DROPOUT_TARGETS
     drop_path: float = 0.1
     train_cls_token: bool = True
     recompute: bool = True
@@ -53,6 +58,7 @@ class SnellConfig(TuningConfig):
         check_kernel_options(self.kernel, self.kernel_options)
         check_sparsity(self.sparsity)
         check_rule(self.rule)
+        check_qkv_layout(self.qkv)
         check_probability("dropout", self.dropout)
         check_probability("drop_path", self.drop_path)
         if not self.targets:

@@ -8,6 +8,7 @@ leaves a rich update. Adding a kernel means writing one class and decorating it 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -17,9 +18,14 @@ _KERNELS: dict[str, type[Kernel]] = {}
 
 
 class Kernel(nn.Module):
-    """Base class: ``forward(a, b) -> dW`` with a: (in, r), b: (out, r), dW: (out, in)."""
+    """Base class: ``forward(a, b) -> dW`` with a: (..., in, r), b: (..., out, r), dW: (..., out, in).
+
+    Leading dimensions broadcast: the three q, k, v factor sets of a fused qkv are one call.
+    ``pieces``: the number of r-slices the factors are cut into (the public code's P; 1 for most).
+    """
 
     name: str = ""
+    pieces: int = 1
 
     def __init__(self, rank: int) -> None:
         super().__init__()
@@ -75,6 +81,18 @@ def build_kernel(name: str, rank: int, **options) -> Kernel:
     return _KERNELS[name](rank, **options)
 
 
+@torch.no_grad()
+def init_factor_(factor: Tensor, kernel: Kernel) -> Tensor:
+    """Initialise factors of shape (..., rows, r) as the public code does: kaiming-uniform (a = sqrt(5))
+    of its (P, rows, r/P) tensors, whose fan-in is rows * r / P, i.e. uniform in +-1 / sqrt(rows r / P).
+
+    Small factors, so dW starts small (for ViT-B/16 qkv: +-0.018, where a per-row fan-in of r gives +-0.35).
+    """
+    rows, rank = factor.shape[-2:]
+    bound = 1.0 / math.sqrt(rows * rank / kernel.pieces)
+    return factor.uniform_(-bound, bound)
+
+
 def _coefficient(values: Sequence[float] | float, learnable: bool) -> Tensor | nn.Parameter:
     t = torch.as_tensor(values, dtype=torch.float32)
     return nn.Parameter(t) if learnable else t
@@ -105,7 +123,7 @@ class LinearKernel(Kernel):
     """kappa(a, b) = a.b: plain LoRA, rank(dW) <= r."""
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        return b @ a.T
+        return b @ a.mT
 
 
 @register_kernel("piecewise_linear")
@@ -133,11 +151,10 @@ class PiecewiseLinearKernel(Kernel):
             self.register_buffer("coefficients", coef, persistent=False)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        p = self.pieces
-        a_p = a.reshape(a.shape[0], p, -1).transpose(0, 1)  # (P, in, r/P)
-        b_p = b.reshape(b.shape[0], p, -1).transpose(0, 1)  # (P, out, r/P)
-        dist = torch.cdist(b_p, a_p)  # (P, out, in)
-        return torch.einsum("p,poi->oi", self.coefficients.to(dist.dtype), dist)
+        a_p = a.unflatten(-1, (self.pieces, -1)).movedim(-2, 0)  # (P, ..., in, r/P)
+        b_p = b.unflatten(-1, (self.pieces, -1)).movedim(-2, 0)  # (P, ..., out, r/P)
+        dist = torch.cdist(b_p, a_p)  # (P, ..., out, in)
+        return torch.tensordot(self.coefficients.to(dist.dtype), dist, dims=1)
 
 
 @register_kernel("polynomial")
@@ -159,7 +176,7 @@ class PolynomialKernel(_ScaledKernel):
         self.degree, self.offset = degree, offset
 
     def shape(self, a: Tensor, b: Tensor) -> Tensor:
-        return (b @ a.T + self.offset) ** self.degree - self.offset**self.degree
+        return (b @ a.mT + self.offset) ** self.degree - self.offset**self.degree
 
 
 @register_kernel("sigmoid")
@@ -172,7 +189,7 @@ class SigmoidKernel(_ScaledKernel):
         super().__init__(rank, alpha, beta, gamma, learnable)
 
     def shape(self, a: Tensor, b: Tensor) -> Tensor:
-        return torch.sigmoid(self.beta * (b @ a.T))
+        return torch.sigmoid(self.beta * (b @ a.mT))
 
 
 @register_kernel("rbf")

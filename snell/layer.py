@@ -6,7 +6,12 @@ see ``weight_blocks``), and for each block of S = S(kappa(A, B)):
   grad_S = g^T x,   (grad_A, grad_B) += vjp of S at grad_S,   grad_x += g (W0 + S).
 One matmul with the merged weight replaces LoRA-style parallel branches; with branch dropout or
 drop-path active in training, the same function computes only the branch (``weight=None``).
-The threshold is a selection, not a sort (``snell.sparsify.threshold``).
+The threshold is a selection, not a sort (``snell.sparsify.threshold``); at sparsity 0 there is none and
+S(dW) = dW (the public code's kernelized LoRA).
+
+A fused qkv holds q, k and v as ``groups`` = 3 blocks of output rows, each with its own threshold and
+drop-path; with ``shared_a=False`` (the public code's layout) each also has its own A: ``lora_A`` stacks
+the three (3 in x r), ``lora_B`` (out x r) is the three B's one above the other.
 """
 
 from __future__ import annotations
@@ -17,13 +22,12 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .kernels import Kernel
+from .kernels import Kernel, init_factor_
 from .sparsify import apply_rule, threshold
-from .wrap import AdaptedLinear, branch_dropout
+from .wrap import AdaptedLinear, branch_drop_path, branch_dropout
 
 BLOCK_ENTRIES = {"cpu": 2**19, "cuda": 2**22}
 """Backward recomputes dW in blocks of about this many entries per device type, so that its temporaries
@@ -66,7 +70,7 @@ def weight_blocks(
     """(rows, columns, threshold groups) of the blocks of dW that backward works on.
 
     The longer side is split, so that blocks stay wide enough for efficient matmuls; column blocks span
-    every row (and so every group), row blocks stay inside one threshold group.
+    every row (``rows`` is ``slice(None)``: every group), row blocks stay inside one threshold group.
     """
     entries = BLOCK_ENTRIES.get(_blocks_as or device.type, BLOCK_ENTRIES["cuda"])
     everything = slice(None)
@@ -112,12 +116,13 @@ class KernelSparseLinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(g.dtype)
         grad_x = torch.empty_like(x2) if needs[0] else None
         grad_w = torch.empty_like(weight) if ctx.has_weight and needs[1] else None
-        for rows, cols, groups in weight_blocks(b.shape[0], a.shape[0], layer.groups, b.device):
-            leaves = [a[cols].detach().requires_grad_(needs[3]), b[rows].detach().requires_grad_(needs[4])]
+        for rows, cols, groups in weight_blocks(b.shape[0], layer.in_features, layer.groups, b.device):
+            blocks = layer.a_block(a, rows, cols), layer.b_block(b, rows)
+            leaves = [block.detach().requires_grad_(n) for block, n in zip(blocks, needs[3:5], strict=True)]
             leaves += param_leaves
             with torch.enable_grad():
                 dw = layer.kernel_update(leaves[0], leaves[1], param_leaves)
-                update = apply_rule(dw, t[groups], layer.rule)
+                update = apply_rule(dw, None if t is None else t[groups], layer.rule)
             grad_update = (g[:, rows].T @ x2[:, cols]).to(update.dtype)
             if grad_w is not None:
                 grad_w[rows, cols] = grad_update
@@ -125,7 +130,12 @@ class KernelSparseLinearFn(torch.autograd.Function):
             if wanted:
                 block_grads = torch.autograd.grad(update, [leaves[i] for i in wanted], grad_update)
                 for i, grad in zip(wanted, block_grads, strict=True):
-                    (grads[i][(cols, rows)[i]] if i < 2 else grads[i]).add_(grad)  # a, b: their block's rows
+                    if i == 0:  # a, b: the rows of their block
+                        layer.a_block(grads[0], rows, cols).add_(grad)
+                    elif i == 1:
+                        layer.b_block(grads[1], rows).add_(grad)
+                    else:
+                        grads[i].add_(grad)
             if grad_x is not None:  # the autograd graph is gone: update's storage can hold the merged block
                 merged = update.detach() if weight is None else update.detach().add_(weight[rows, cols])
                 first = rows.start in (None, 0)  # column blocks write their slice once, row blocks accumulate
@@ -138,9 +148,10 @@ class KernelSparseLinearFn(torch.autograd.Function):
 class SnellLinear(AdaptedLinear):
     """A frozen linear layer tuned by a sparsified kernelized low-rank update.
 
-    Factors follow the paper's naming: ``lora_A`` (in x r), ``lora_B`` (out x r), both kaiming-uniform
-    as in the public code (so dW != 0 at init for nonlinear kernels). ``groups`` output blocks get their
-    own threshold (3 for a fused qkv: q, k and v compete separately, as in the paper).
+    Factors follow the paper's naming: ``lora_A`` (in x r; ``groups`` of them stacked unless
+    ``shared_a``), ``lora_B`` (out x r), initialised as the public code does (``init_factor_``; dW != 0
+    at init for nonlinear kernels). ``groups`` output blocks get their own threshold and drop-path
+    (3 for a fused qkv: q, k and v compete separately, as in the paper).
     """
 
     def __init__(
@@ -151,48 +162,82 @@ class SnellLinear(AdaptedLinear):
         sparsity: float,
         rule: str = "public",
         groups: int = 1,
+        shared_a: bool = False,
         dropout: float = 0.0,
         drop_path: float = 0.0,
         recompute: bool = True,
     ) -> None:
         super().__init__(base)
         self.rank, self.sparsity, self.rule, self.groups = rank, sparsity, rule, groups
+        self.factor_groups = 1 if shared_a else groups
         self.recompute = recompute
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(base.in_features, rank, **factory))
+        self.lora_A = nn.Parameter(torch.empty(self.factor_groups * base.in_features, rank, **factory))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, **factory))
-        for p in (self.lora_A, self.lora_B):
-            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
         self.kernel = kernel.to(**factory)
+        init_factor_(self.lora_A.view(self.factor_groups, base.in_features, rank), kernel)
+        init_factor_(self.lora_B.view(groups, -1, rank), kernel)
         self.dropout = branch_dropout(dropout)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = branch_drop_path(drop_path, groups)
         self._kernel_names = [n for n, _ in self.kernel.named_parameters()]
 
+    def _factor_group(self, rows: slice) -> tuple[int, int]:
+        """(factor group, its first row) of a block of rows inside one threshold group."""
+        per_group = self.out_features // self.factor_groups
+        group = rows.start // per_group
+        return group, group * per_group
+
+    def a_block(self, a: Tensor, rows: slice, cols: slice) -> Tensor:
+        """What dW[rows, cols] reads of ``lora_A`` (or of a tensor shaped like it): (groups, cols, r)."""
+        stacked = a.view(self.factor_groups, self.in_features, a.shape[-1])
+        if rows.start is None:
+            return stacked[:, cols]
+        group, _ = self._factor_group(rows)
+        return stacked[group : group + 1, cols]
+
+    def b_block(self, b: Tensor, rows: slice) -> Tensor:
+        """What dW[rows, :] reads of ``lora_B`` (or of a tensor shaped like it): (groups, rows, r)."""
+        stacked = b.view(self.factor_groups, -1, b.shape[-1])
+        if rows.start is None:
+            return stacked
+        group, first = self._factor_group(rows)
+        return stacked[group : group + 1, rows.start - first : rows.stop - first]
+
     def kernel_update(self, a: Tensor, b: Tensor, kernel_params) -> Tensor:
-        """dW = kappa(a, b) with the kernel's parameters taken from ``kernel_params`` (for the vjp)."""
-        if not self._kernel_names:
-            return self.kernel(a, b)
-        return functional_call(self.kernel, dict(zip(self._kernel_names, kernel_params, strict=True)), (a, b))
+        """dW block = kappa(a, b) for factor blocks from ``a_block`` / ``b_block``, with the kernel's
+        parameters taken from ``kernel_params`` (for the vjp): (rows, cols)."""
+        if self._kernel_names:
+            named = dict(zip(self._kernel_names, kernel_params, strict=True))
+            dw = functional_call(self.kernel, named, (a, b))
+        else:
+            dw = self.kernel(a, b)
+        return dw.reshape(-1, a.shape[-2])
 
     @torch.no_grad()
     def blockwise_update(self, a: Tensor, b: Tensor, kernel_params) -> Tensor:
         """dW computed block by block exactly as backward recomputes it, so that both agree to the bit and
         keep the same entries (a block-shaped matmul may round differently from a full-size one)."""
-        blocks = weight_blocks(b.shape[0], a.shape[0], self.groups, b.device)
-        if len(blocks) == 1:
-            return self.kernel_update(a, b, kernel_params)
         a, b = a.detach(), b.detach()  # views of a parameter made under no_grad would still require grad
+        blocks = weight_blocks(b.shape[0], self.in_features, self.groups, b.device)
+        if len(blocks) == 1:
+            rows, cols, _ = blocks[0]
+            return self.kernel_update(self.a_block(a, rows, cols), self.b_block(b, rows), kernel_params)
         dw = None
         for rows, cols, _ in blocks:
-            block = self.kernel_update(a[cols], b[rows], kernel_params)
+            block = self.kernel_update(self.a_block(a, rows, cols), self.b_block(b, rows), kernel_params)
             if dw is None:
-                dw = block.new_empty(b.shape[0], a.shape[0])
+                dw = block.new_empty(b.shape[0], self.in_features)
             dw[rows, cols] = block
         return dw
 
     def delta_weight(self) -> Tensor:
         """S(kappa(A, B)) in plain autograd: what ``merge`` folds in."""
-        dw = self.kernel(self.lora_A, self.lora_B)
+        everything = slice(None)
+        dw = self.kernel_update(
+            self.a_block(self.lora_A, everything, everything),
+            self.b_block(self.lora_B, everything),
+            [p for _, p in self.kernel.named_parameters()],
+        )
         return apply_rule(dw, threshold(dw, self.sparsity, self.groups), self.rule)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -214,5 +259,5 @@ class SnellLinear(AdaptedLinear):
     def extra_repr(self) -> str:
         return (
             f"rank={self.rank}, kernel={self.kernel.name}, sparsity={self.sparsity}, "
-            f"rule={self.rule}, groups={self.groups}"
+            f"rule={self.rule}, groups={self.groups}, factor_groups={self.factor_groups}"
         )

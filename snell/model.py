@@ -8,7 +8,14 @@ from .config import SnellConfig
 from .kernels import build_kernel
 from .layer import SnellLinear
 from .registry import Calibration, register_method
-from .wrap import DEFAULT_TARGETS, check_patterns_match, freeze_all_but_head, replace_modules
+from .wrap import (
+    DEFAULT_TARGETS,
+    check_patterns_match,
+    freeze_all_but_head,
+    matches,
+    qkv_groups,
+    replace_modules,
+)
 
 
 def check_rank_fits(model: nn.Module, names: list[str], rank: int) -> None:
@@ -20,11 +27,6 @@ def check_rank_fits(model: nn.Module, names: list[str], rank: int) -> None:
             raise ValueError(
                 f"rank={rank} exceeds min(in, out)={limit} of layer {name!r}; use rank <= {limit}"
             )
-
-
-def threshold_groups(name: str, layer: nn.Linear, separate_qkv: bool) -> int:
-    """3 for a fused qkv projection (q, k, v each get their own threshold), else 1."""
-    return 3 if separate_qkv and name.endswith("qkv") and layer.out_features % 3 == 0 else 1
 
 
 def set_cls_token_trainable(model: nn.Module, train: bool) -> None:
@@ -50,10 +52,11 @@ def apply_snell(model: nn.Module, cfg: SnellConfig, calibration: Calibration = N
             build_kernel(cfg.kernel, cfg.rank, **cfg.kernel_options),
             cfg.sparsity,
             cfg.rule,
-            threshold_groups(name, layer, cfg.separate_qkv_thresholds),
-            cfg.dropout,
-            cfg.drop_path,
-            cfg.recompute,
+            groups=qkv_groups(name, layer, cfg.qkv),
+            shared_a=cfg.qkv == "shared_a",
+            dropout=0.0 if matches(name, cfg.no_dropout_targets) else cfg.dropout,
+            drop_path=cfg.drop_path,
+            recompute=cfg.recompute,
         ),
     )
     return cfg

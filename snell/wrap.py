@@ -15,6 +15,34 @@ DEFAULT_TARGETS = ("*attn.qkv", "*attn.q", "*attn.k", "*attn.v", "*attn.proj", "
 """q, k, v (timm fuses them into ``qkv``), attention proj, fc1 and fc2 of every block."""
 
 
+NO_DROPOUT_TARGETS = ("*attn.proj",)
+"""Targets whose branch input is not dropped: the public code's blocks drop the input of the q, k, v,
+fc1 and fc2 branches but feed attn.proj's branch its input as it is."""
+
+QKV_LAYOUTS = {
+    "separate": "q, k and v each get their own factors, threshold and drop-path (the public code's layout)",
+    "shared_a": "one A for q, k and v; B, threshold and drop-path per q, k, v (timm's fused qkv as it is)",
+    "fused": "qkv adapted as one matrix: one A, one B, one threshold, one drop-path",
+}
+"""How an adapter treats timm's fused ``qkv`` projection (other layers are always one adapter)."""
+
+
+def check_qkv_layout(layout: str, allowed: Sequence[str] = tuple(QKV_LAYOUTS)) -> None:
+    if layout not in allowed:
+        raise ValueError(f"qkv={layout!r}; allowed: {', '.join(allowed)}")
+
+
+def qkv_groups(name: str, layer: nn.Linear, layout: str) -> int:
+    """3 for a fused qkv projection adapted as q, k and v (any layout but 'fused'), else 1."""
+    fused_qkv = name.endswith("qkv") and layer.out_features % 3 == 0
+    return 3 if fused_qkv and layout != "fused" else 1
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a module name matches any of the glob patterns."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 class AdaptedLinear(nn.Module):
     """A frozen ``nn.Linear`` (``self.base``) plus a trainable update defined by ``delta_weight``."""
 
@@ -64,6 +92,33 @@ def branch_dropout(p: float) -> nn.Module:
     return BranchDropout(p) if p > 0 else nn.Identity()
 
 
+class BranchDropPath(nn.Module):
+    """Per-sample drop-path on an adapter branch's output (timm's ``drop_path``), with one draw per sample
+    for each of ``groups`` equal blocks of the output features: q, k and v of a fused qkv are dropped
+    independently, as the public code's three separate adapters are (masks drawn in q, k, v order).
+    """
+
+    def __init__(self, p: float, groups: int = 1) -> None:
+        super().__init__()
+        self.p, self.groups = p, groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        keep = 1.0 - self.p
+        masks = [x.new_empty(x.shape[0]).bernoulli_(keep) for _ in range(self.groups)]
+        scale = torch.stack(masks, 1).div_(keep).view(x.shape[0], *[1] * (x.ndim - 2), self.groups, 1)
+        return (x.unflatten(-1, (self.groups, -1)) * scale).flatten(-2)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, groups={self.groups}"
+
+
+def branch_drop_path(p: float, groups: int = 1) -> nn.Module:
+    """``BranchDropPath(p, groups)``, or an identity for p = 0."""
+    return BranchDropPath(p, groups) if p > 0 else nn.Identity()
+
+
 def find_linear_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Names of ``nn.Linear`` modules matching any glob in ``patterns``.
 
@@ -72,14 +127,14 @@ def find_linear_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     ``check_patterns_match``.
     """
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return [n for n in linears if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return [n for n in linears if matches(n, patterns)]
 
 
 def check_patterns_match(model: nn.Module, patterns: Sequence[str], *, defaults_may_miss: bool) -> list[str]:
     """Targets for ``patterns``; ValueError if none match, or if a non-default pattern matches nothing."""
     names = find_linear_targets(model, patterns)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in linears)]
+    unmatched = [p for p in patterns if not any(matches(n, (p,)) for n in linears)]
     if not names or (unmatched and not defaults_may_miss):
         shown = ", ".join(linears[:8]) + (" ..." if len(linears) > 8 else "")
         raise ValueError(

@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+import timm
 import torch
 
 import snell
@@ -26,15 +27,29 @@ def targets_of(model):
 
 @pytest.mark.parametrize("method", ADAPTER_METHODS)
 @pytest.mark.parametrize("rank", [2, 8])
-def test_trainable_counts_match_formula(method, rank):
+@pytest.mark.parametrize("qkv", ["separate", "shared_a"])
+def test_trainable_counts_match_formula(method, rank, qkv):
     model = make_tiny_vit()
     head = sum(p.numel() for p in model.get_classifier().parameters())
     cls = model.cls_token.numel()
-    snell.apply_method(model, snell.method_config(method, rank=rank))
+    snell.apply_method(model, snell.method_config(method, rank=rank, qkv=qkv))
     layers = targets_of(model)
     assert len(layers) == 2 * 4  # qkv, proj, fc1, fc2 in each of 2 blocks
-    expected = sum(rank * (m.in_features + m.out_features) for m in layers) + head + cls
-    assert snell.count_trainable(model) == expected
+
+    def factors(m):  # q, k and v of the fused qkv each have their own A unless it is shared
+        copies_of_a = 3 if qkv == "separate" and m.out_features == 3 * m.in_features else 1
+        return rank * (copies_of_a * m.in_features + m.out_features)
+
+    assert snell.count_trainable(model) == sum(factors(m) for m in layers) + head + cls
+
+
+@pytest.mark.parametrize(("qkv", "factor_entries"), [("separate", 1_327_104), ("shared_a", 1_179_648)])
+def test_vit_b16_snell8_trains_the_public_codes_factor_count(qkv, factor_entries):
+    with torch.device("meta"):  # shapes only: nothing allocated
+        model = timm.create_model("vit_base_patch16_224", num_classes=100)
+    snell.apply_method(model, snell.method_config("snell", rank=8, qkv=qkv))
+    head_and_cls = 768 * 100 + 100 + 768
+    assert snell.count_trainable(model) == factor_entries + head_and_cls
 
 
 def test_full_and_linear_counts():
@@ -89,9 +104,7 @@ def test_state_dict_holds_no_index_or_mask(tiny_vit):
 
 @pytest.mark.parametrize("s", [0.5, 0.9, 0.99])
 def test_applied_update_has_the_requested_sparsity(s, tiny_vit):
-    snell.apply_method(
-        tiny_vit, snell.method_config("snell", rank=4, sparsity=s, separate_qkv_thresholds=False)
-    )
+    snell.apply_method(tiny_vit, snell.method_config("snell", rank=4, sparsity=s, qkv="fused"))
     for layer in targets_of(tiny_vit):
         update = layer.delta_weight()
         assert abs((update == 0).float().mean().item() - s) <= 1 / update.numel() + 1e-9

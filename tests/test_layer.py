@@ -150,3 +150,18 @@ def test_blocks_as_uses_another_device_types_block_size():
         as_cuda = weight_blocks(*shape, 1, cpu)
     assert len(on_cpu) >= 12 and len(as_cuda) == 2
     assert weight_blocks(*shape, 1, cpu) == on_cpu  # restored on exit
+
+
+@pytest.mark.parametrize("kernel", snell.list_kernels())
+@pytest.mark.parametrize("rule", ["public", "eq5", "hard"])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_sparsity_zero_merges_the_kernels_dw_itself(kernel, rule, groups):
+    layer = make_layer(kernel, sparsity=0.0, rule=rule, groups=groups)
+    a = layer.lora_A.view(groups, 48, 8)
+    b = layer.lora_B.view(groups, -1, 8)
+    dw = torch.cat([layer.kernel(a[k], b[k]) for k in range(groups)])  # q, k, v blocks one by one
+    torch.testing.assert_close(layer.delta_weight(), dw, rtol=0, atol=0)
+    merged = layer.merged()
+    assert torch.equal(merged.weight, layer.base.weight + layer.delta_weight())
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.base.weight + dw, layer.base.bias))

@@ -1,3 +1,5 @@
+import random
+
 import pytest
 import torch
 
@@ -12,12 +14,38 @@ def test_zero_fraction_matches_sparsity(s, rule):
     assert abs(zero_fraction - s) <= 1 / dw.numel() + 1e-9
 
 
-@pytest.mark.parametrize("s", [0.0, 0.3, 0.9, 0.995])
-def test_kthvalue_threshold_keeps_what_quantile_keeps(s):
-    dw = torch.randn(100, 37, generator=torch.Generator().manual_seed(1))
-    t = threshold(dw, s)
-    t_quantile = torch.quantile(dw.abs().flatten(), s) if s else torch.tensor(0.0)
-    assert torch.equal(dw.abs() > t, dw.abs() > t_quantile)
+def random_threshold_cases(count: int = 240):
+    """(rows, sparsity) pairs of varied shapes and ratios, with the two known float32 edge cases."""
+    generator = torch.Generator().manual_seed(7)
+    rng = random.Random(7)
+    yield torch.randn(1, 11, generator=generator), 0.9  # float32(0.9) * 10 < 9: quantile keeps 2, not 1
+    yield torch.randn(1, 4096 * 1024, generator=generator), 0.99
+    for _ in range(count):
+        groups = rng.choice([1, 1, 3])
+        n = rng.choice([rng.randint(2, 64), rng.randint(64, 5000), rng.randint(5000, 120_000)])
+        s = rng.choice([0.1, 0.3, 0.37, 0.5, 0.74, 0.88, 0.9, 0.99, 0.995, rng.random()])
+        values = torch.randn(groups, n, generator=generator)
+        if rng.random() < 0.2:
+            values = values.round(decimals=1)  # ties
+        yield values, s
+
+
+def test_threshold_is_torch_quantile_bit_for_bit():
+    cases = 0
+    for rows, s in random_threshold_cases():
+        expected = torch.quantile(rows.abs(), s, dim=1)
+        t = threshold(rows, s, groups=rows.shape[0])
+        assert torch.equal(t, expected), (rows.shape, s)
+        assert torch.equal(rows.abs() > t[:, None], rows.abs() > expected[:, None])
+        cases += 1
+    assert cases >= 200
+
+
+@pytest.mark.parametrize("rule", ["public", "eq5", "hard"])
+def test_sparsity_zero_is_no_sparsification(rule):
+    dw = torch.randn(30, 20, generator=torch.Generator().manual_seed(3))
+    assert threshold(dw, 0.0) is None
+    assert torch.equal(sparsify(dw, 0.0, rule), dw)
 
 
 def test_threshold_has_no_size_limit():
