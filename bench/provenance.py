@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import os
 import platform
 import socket
 import subprocess
@@ -53,10 +54,23 @@ def versions() -> dict[str, str | None]:
     return found
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes; above the core count, they wait for a core)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def provenance(device: torch.device) -> dict:
-    """Everything needed to say which code, packages and machine produced a record."""
+    """Everything needed to say which code, packages and machine produced a record, and how busy the
+    machine was when its timings were taken (threads, cores, load average; the runner adds the load
+    average at the end)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_start": load_average(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "versions": versions(),

@@ -52,6 +52,11 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "images_per_s": metrics.get("images_per_s"),
             "wall_time_s": metrics.get("wall_time_s"),
             "update_rank": metrics.get("update_rank"),
+            "cpu_per_wall": metrics.get("cpu_per_wall"),
+            "threads": r["provenance"].get("threads"),
+            "load_avg": max(
+                (r["provenance"].get(k) or 0.0 for k in ("load_avg_start", "load_avg_end")), default=0.0
+            ),
             "device": r["provenance"].get("device"),
             "git_commit": r["provenance"].get("git_commit"),
             "lr": r["config"]["train"].get("lr"),
@@ -59,12 +64,25 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows).astype({"rank": "Int64"})
     if df.empty:
         return df
+    df["timed_under_load"] = timed_under_load(df)
     train = pd.DataFrame([r["config"]["train"] for r in records], index=df.index).astype(str)
     for label, runs in train.groupby(df.label):
         varying = [column for column in runs if runs[column].nunique() > 1]
         for i, settings in runs[varying].iterrows():
             df.loc[i, "label"] = " ".join([label, *(f"{k}={v}" for k, v in settings.items())])
     return df
+
+
+LOADED_CPU_SHARE = 0.8
+"""A CPU run whose timed steps got less than this share of its threads' time (process CPU time over
+wall time x threads) waited for cores that other work held: its step times are marked in the tables."""
+
+
+def timed_under_load(df: pd.DataFrame) -> pd.Series:
+    """Whether each run's step times were taken while other work competed for the CPU."""
+    on_cpu = df.device.fillna("").str.startswith("CPU")
+    share = df.cpu_per_wall / df.threads.fillna(1)
+    return on_cpu & (share < LOADED_CPU_SHARE)
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
@@ -79,6 +97,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
         adapter_bytes=("adapter_bytes", "mean"),
         peak_memory_mib=("peak_memory_mib", "mean"),
         step_time_s=("step_time_s", "median"),
+        timed_under_load=("timed_under_load", "any"),
     )
     keys = df.groupby(["label", "task"]).agg(
         method=("method", "first"),
@@ -113,11 +132,17 @@ def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
     means = summary.pivot(index="label", columns="task", values="test_mean")[tasks]
     table["mean"] = means.mean(axis=1, skipna=False).map(lambda v: "—" if pd.isna(v) else f"{v:.1f}")
     costs = summary.groupby("label").agg(
-        params=("trainable_params", "mean"), mem=("peak_memory_mib", "mean"), step=("step_time_s", "median")
+        params=("trainable_params", "mean"),
+        mem=("peak_memory_mib", "mean"),
+        step=("step_time_s", "median"),
+        loaded=("timed_under_load", "any"),
     )
     table["trainable params"] = costs.params.map(lambda v: "—" if pd.isna(v) else f"{v / 1e3:.1f}K")
     table["peak memory (MiB)"] = costs.mem.map(lambda v: "—" if pd.isna(v) else f"{v:.1f}")
-    table["step (ms)"] = costs.step.map(lambda v: "—" if pd.isna(v) else f"{1e3 * v:.0f}")
+    table["step (ms)"] = [
+        "—" if pd.isna(step) else f"{1e3 * step:.0f}" + (" *" if loaded is True else "")
+        for step, loaded in zip(costs.step, costs.loaded, strict=True)
+    ]
     order = means.mean(axis=1).sort_values(ascending=False).index
     return table.loc[list(order)].rename_axis("method")
 
@@ -198,9 +223,13 @@ def build_report(results: str | Path) -> pd.DataFrame:
     devices = ", ".join(sorted(df.device.dropna().unique()))
     commits = ", ".join(sorted({c[:10] for c in df.git_commit.dropna()}))
     n_ok = (df.status == "ok").sum()
+    loaded = int(df.timed_under_load.sum())
     header = (
-        f"# Results\n\n{len(df)} runs ({n_ok} ok); device: {devices}; commit(s): {commits}.\n"
+        f"# Results\n\n{len(df)} runs ({n_ok} ok); device: {devices}; commit(s): {commits}; highest 1-min "
+        f"load average during a run: {df.load_avg.max():.1f}.\n"
         "Test top-1 (%), mean ± std over seeds; peak memory is the tensor-level peak of one training step.\n"
+        f"Step times marked * ({loaded} run(s)) were taken while other work shared the CPU (the run got "
+        f"under {LOADED_CPU_SHARE:.0%} of its threads' time): compare them with care.\n"
     )
     tables = {
         "Methods x tasks": accuracy_table(summary),

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.config import RunConfig
-from bench.provenance import provenance
+from bench.provenance import load_average, provenance
 from bench.records import SCHEMA_VERSION, read_record, record_path, release_claim, try_claim, write_record
 from bench.sweep import SweepError, load_sweep
 from bench.train import DivergedError, resolve_device, train_run
@@ -50,6 +50,7 @@ def execute_run(run: RunConfig, results: str | Path, progress: bool = True) -> d
         record["traceback"] = traceback.format_exc(limit=-6)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    record["provenance"]["load_avg_end"] = load_average()
     write_record(record_path(results, run.run_id), record)
     return record
 

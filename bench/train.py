@@ -150,7 +150,7 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
     def record_step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         epoch_losses.append(step(*batch))
 
-    loss_curve, step_times, memory = [], [], None
+    loss_curve, step_times, step_cpu_times, memory = [], [], [], None
     bar = tqdm(total=total_steps, desc=run.label, unit="step", disable=not progress, leave=False)
     for epoch in range(cfg.epochs):
         net.train()
@@ -160,11 +160,12 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
             if memory is None and epoch_losses and device.type == "cpu":  # optimizer state exists now
                 memory = tracked_step_memory(net, optimizer, functools.partial(record_step, batch))
             else:
-                tic = time.perf_counter()
+                tic, cpu_tic = time.perf_counter(), time.process_time()
                 record_step(batch)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 step_times.append(time.perf_counter() - tic)
+                step_cpu_times.append(time.process_time() - cpu_tic)
             scheduler.step_update(epoch * steps_per_epoch + len(epoch_losses))
             bar.update()
         losses = torch.stack(epoch_losses).float()
@@ -187,6 +188,8 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
         "total_params": sum(p.numel() for p in net.parameters()),
         "adapter_bytes": adapter_bytes(net),
         "step_time_s": median,
+        "step_cpu_s": median_step_time(step_cpu_times),
+        "cpu_per_wall": sum(step_cpu_times) / sum(step_times) if step_times else None,
         "images_per_s": cfg.batch_size / median if median else None,
         "update_rank": mean_update_rank(net),
     }
