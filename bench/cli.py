@@ -1,28 +1,19 @@
-"""``python -m bench <command>``: one entry point, each command implemented by its own module."""
+"""``python -m bench <command>``: one entry point, each command implemented by its own module.
+
+Arguments are parsed before the command's module (and torch) is imported: ``--help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-COMMANDS = {
-    "sweep": ("bench.runner", "run a sweep file (YAML): train, measure and record every run, then report"),
-    "report": ("bench.report", "rebuild tables and figures from existing records"),
-    "pretrain": ("bench.pretrain", "pretrain the embedded ViT backbone on MNIST (the committed asset)"),
-    "memory": ("bench.memory", "estimate the peak memory of one training step without allocating it"),
-    "memory-sweep": ("bench.memory_sweep", "memory estimates over models x batches x methods, with figures"),
-    "perf-step": ("bench.perf_step", "step time and memory ratios: snell vs lora vs the reference SNELL"),
-    "gpu-check": (
-        "bench.gpu_check",
-        "real CUDA peak memory and step time of full / LoRA / SNELL on ViT-B/16",
-    ),
-    "notebooks": ("bench.notebooks", "execute the ablation notebooks"),
-}
+from bench.arguments import COMMANDS, parse
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines = [f"  {name:<{width}}  {command.help}" for name, command in COMMANDS.items()]
     return "usage: python -m bench <command> [options]\n\ncommands:\n" + "\n".join(lines)
 
 
@@ -31,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        sys.exit(f"unknown command {command!r}; allowed: {', '.join(COMMANDS)}\n\n{usage()}")
-    importlib.import_module(COMMANDS[command][0]).main(rest)
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        sys.exit(f"unknown command {name!r}; allowed: {', '.join(COMMANDS)}\n\n{usage()}")
+    args = parse(name, rest)
+    importlib.import_module(COMMANDS[name].module).run(args)

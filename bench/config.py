@@ -11,9 +11,12 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 EMBEDDED_BACKBONE = "vit_mnist_patch7_28"
+EMBEDDED_WEIGHTS = Path(__file__).parent / "assets" / f"{EMBEDDED_BACKBONE}.safetensors"
+"""The committed pretrained weights of the embedded backbone (``python -m bench pretrain`` writes them)."""
 
 
 @dataclass(frozen=True)

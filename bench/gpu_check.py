@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import snell
+from bench.arguments import parse
 from bench.backbones import create_backbone
 from bench.memory import estimate_step_memory
 from bench.provenance import device_name, provenance, versions
@@ -124,16 +125,10 @@ def write(frame: pd.DataFrame, out: Path, command: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="bench gpu-check", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("results/gpu"))
-    parser.add_argument("--batches", type=int, nargs="+", default=[8, 64])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument(
-        "--estimate", action="store_true", help="also run the CPU simulator on each fp32 step (minutes)"
-    )
-    args = parser.parse_args(argv)
+    run(parse("gpu-check", argv))
+
+
+def run(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench gpu-check needs a CUDA device; on a CPU use `python -m bench memory`")
     print(device_name(torch.device("cuda")))
@@ -146,6 +141,6 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     {k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True
                 )
-    command = "python -m bench gpu-check " + " ".join(argv or [])
+    command = "python -m bench gpu-check " + " ".join(args.argv)
     write(pd.DataFrame(rows), args.out, command.strip())
     print((args.out / "gpu_check.md").read_text())

@@ -32,12 +32,12 @@ from torch.profiler import ProfilerActivity, profile
 
 import snell
 from baselines.spt import SptConfig, budget_entries
+from bench.arguments import PRECISIONS, parse
 from bench.backbones import create_backbone
 from bench.measure import MIB, StepMemoryTracker, peak_breakdown
 from snell.layer import blocks_as
 from snell.wrap import find_linear_targets
 
-PRECISIONS = ("fp32", "bf16")
 ESTIMATE_DEVICE = "estimate: fake tensors on CPU"
 OPTIMIZER = {"lr": 1e-3, "weight_decay": 1e-4, "foreach": True}
 
@@ -238,25 +238,11 @@ def format_estimate(estimate: MemoryEstimate) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench memory", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="timm model name, e.g. vit_base_patch16_224 (random weights)")
-    parser.add_argument("--method", default="lora", help=f"one of: {', '.join(snell.list_methods())}")
-    parser.add_argument("--options", type=json.loads, default={}, help='method options as JSON: {"rank": 8}')
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 = bf16 autocast")
-    parser.add_argument("--img-size", type=int, default=None, help="override the model's input size")
-    parser.add_argument("--num-classes", type=int, default=100)
-    parser.add_argument(
-        "--measure",
-        choices=("cpu", "cuda"),
-        help="also run the step for real on this device and print the measured peak beside the estimate",
-    )
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    run(parse("memory", argv))
+
+
+def run(args: argparse.Namespace) -> None:
     config = snell.method_config(args.method, **args.options)
     step = (args.model, config, args.batch_size, args.precision, args.img_size, args.num_classes)
     estimate = estimate_step_memory(*step)

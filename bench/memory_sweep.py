@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import shlex
 import sys
 import time
@@ -23,15 +22,11 @@ import torch
 from tqdm import tqdm
 
 import snell
+from bench.arguments import GPU_CHECK_CSV, MEMORY_MODELS, parse
 from bench.memory import ESTIMATE_DEVICE, estimate_step_memory, measure_step_memory
 from bench.plots_memory import plot_breakdown, plot_memory_vs_model_size
 
-MODELS = {
-    "ViT-B/16": "vit_base_patch16_224",
-    "ViT-L/16": "vit_large_patch16_224",
-    "ViT-H/14": "vit_huge_patch14_224",
-}
-BATCH_SIZES = (8, 64)
+MODELS = MEMORY_MODELS
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "full": ("full", {}),
     "linear": ("linear", {}),
@@ -52,7 +47,6 @@ PAPER_MB = {
 }
 """Peak training memory in the SNELL paper's tables (batch 8; GPS is its sparse-tuning baseline)."""
 PAPER_BATCH = 8
-GPU_CHECK_CSV = "results/gpu/gpu_check.csv"
 CSV_NAME, MD_NAME = "memory.csv", "memory_vs_paper.md"
 
 
@@ -248,30 +242,11 @@ def write_markdown(
     path.write_text("\n".join(lines) + "\n")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench memory-sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, default=Path("results/memory"), help="output directory")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = bf16 autocast")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes")
-    parser.add_argument(
-        "--measure", action="store_true", help="also measure every point on the GPU (needs CUDA)"
-    )
-    parser.add_argument(
-        "--replot", action="store_true", help=f"only redraw the figures and markdown from {CSV_NAME}"
-    )
-    parser.add_argument(
-        "--gpu-check",
-        type=Path,
-        default=Path(GPU_CHECK_CSV),
-        help="CUDA peaks from `bench gpu-check` to put beside the estimates, if the file exists",
-    )
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    run(parse("memory-sweep", argv))
+
+
+def run(args: argparse.Namespace) -> None:
     if args.measure and not torch.cuda.is_available():
         sys.exit("--measure needs a CUDA device; none is available")
     if args.replot:
@@ -299,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     plot_breakdown(
         estimates, args.results / f"memory_breakdown_{slug}_b{batch}.png", arch, batch, list(METHODS)
     )
-    command = shlex.join(["python", "-m", "bench", "memory-sweep", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "-m", "bench", "memory-sweep", *args.argv])
     gpu_check = pd.read_csv(args.gpu_check) if args.gpu_check.is_file() else None
     write_markdown(frame, args.results / MD_NAME, command, gpu_check)
     print(f"wrote {args.results / CSV_NAME}, the figures and {args.results / MD_NAME}")

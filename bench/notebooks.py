@@ -23,10 +23,11 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from bench.arguments import NOTEBOOK_RESULTS_ENV as RESULTS_ENV
+from bench.arguments import NOTEBOOK_SMALL_ENV as SMALL_ENV
+from bench.arguments import NOTEBOOKS, parse
+
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = ("01_kernels.ipynb", "02_sparsity_and_rank.ipynb", "03_memory.ipynb")
-SMALL_ENV = "SNELL_NOTEBOOK_SMALL"
-RESULTS_ENV = "SNELL_RESULTS"
 KERNEL_NAME = "python3"
 
 
@@ -92,21 +93,11 @@ def select(names: list[str]) -> list[Path]:
     return chosen
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench notebooks", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "names", nargs="*", help=f"which notebooks (name or prefix); default: all of {NOTEBOOKS}"
-    )
-    parser.add_argument("--in-place", action="store_true", help="store outputs in the notebooks themselves")
-    parser.add_argument("--small", action="store_true", help=f"small workload ({SMALL_ENV}=1), for tests")
-    parser.add_argument("--out", type=Path, help="write the executed copies to this folder")
-    parser.add_argument("--results", type=Path, help=f"benchmark results for notebook 2 (sets {RESULTS_ENV})")
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    run(parse("notebooks", argv))
+
+
+def run(args: argparse.Namespace) -> None:
     if args.in_place and args.out:
         raise SystemExit("--in-place and --out exclude each other")
     if args.in_place and args.small:

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -28,6 +26,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import snell
+from bench.arguments import parse
 from bench.measure import tracked_step_memory
 from bench.memory import estimate_step_memory
 from bench.provenance import device_name
@@ -213,31 +212,11 @@ def markdown(step: pd.DataFrame, vit_b: pd.DataFrame | None, args: argparse.Name
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench perf-step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("results/perf"), help="folder for CSV + markdown")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads (1: steadiest on a shared machine)"
-    )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
-    parser.add_argument("--rounds", type=int, default=9, help="timed steps per variant, at most")
-    parser.add_argument("--budget", type=float, default=150.0, help="seconds of timed rounds, after 3 rounds")
-    parser.add_argument(
-        "--vit-b-batches",
-        type=int,
-        nargs="*",
-        default=[8, 64],
-        help="ViT-B/16 simulator batches (none: skip)",
-    )
-    args = parser.parse_args(argv)
-    args.argv = argv
-    return args
-
-
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+    run(parse("perf-step", argv))
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, IMG_SIZE, IMG_SIZE, generator=generator)

@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 
 import safetensors.torch
 import timm
@@ -22,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import RandomCrop
 from tqdm import tqdm
 
-from bench.backbones import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
+from bench.arguments import parse
+from bench.config import EMBEDDED_BACKBONE
 from bench.data.base import TensorImageDataset
 from bench.data.embedded import MNIST_MEAN, MNIST_STD, SPLIT_SEED, load_mnist_split
 from bench.train import make_optimizer
@@ -38,17 +38,6 @@ RECIPE = {
     "label_smoothing": 0.1,
     "max_shift_px": 2,
 }
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench pretrain", description=__doc__)
-    parser.add_argument("--epochs", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument(
-        "--out", type=Path, default=EMBEDDED_WEIGHTS, help="safetensors file; recipe json beside it"
-    )
-    return parser.parse_args(argv)
 
 
 @torch.no_grad()
@@ -88,8 +77,11 @@ def train(model: nn.Module, dataset: Dataset, epochs: int, seed: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
+    run(parse("pretrain", argv))
+
+
+def run(args: argparse.Namespace) -> None:
     """Pretrain, evaluate on the held-out digits, write the weights and `<out>.json`."""
-    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start_wall, start_cpu = time.perf_counter(), time.process_time()

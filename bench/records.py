@@ -56,14 +56,17 @@ def check_record(record: dict[str, Any], path: Path) -> None:
 
 
 def read_record(path: Path) -> dict[str, Any]:
-    """Load and check one record; a corrupt or truncated file raises RecordError naming it."""
+    """Load and check one record; a corrupt, truncated or incomplete file raises RecordError naming it
+    and saying what to do."""
     try:
         record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise RecordError(f"corrupt record file {path}: not a JSON object")
+        check_record(record, path)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RecordError(f"corrupt record file {path}: {err}; delete it to rerun that run") from err
-    if not isinstance(record, dict):
-        raise RecordError(f"corrupt record file {path}: not a JSON object")
-    check_record(record, path)
+    except RecordError as err:
+        raise RecordError(f"{err}; delete it to rerun that run") from err
     return record
 
 
@@ -117,3 +120,23 @@ def try_claim(results: str | Path, run_id: str) -> bool:
 def release_claim(results: str | Path, run_id: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         _claim_path(results, run_id).unlink()
+
+
+class ResultsFolderError(ValueError):
+    """The results folder cannot hold records (read-only, not a folder, no permission)."""
+
+
+def check_results_folder(results: str | Path) -> None:
+    """ResultsFolderError (one line) unless ``results/records`` exists as a writable folder or can be
+    created: checked before the sweep is loaded and before any worker is spawned; creates nothing."""
+    folder = records_dir(results)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        reason = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"no write permission in {existing} (or a read-only file system)"
+    else:
+        return
+    raise ResultsFolderError(f"results folder {folder} is not writable: {reason}")

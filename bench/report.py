@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
+from bench.arguments import parse
 from bench.records import load_records
 
 TASK_COLUMN_ORDER = ("digits", "rotation", "texture")
@@ -251,7 +252,9 @@ def build_report(results: str | Path) -> pd.DataFrame:
     return summary
 
 
+def run(args: argparse.Namespace) -> None:
+    build_report(args.results)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="bench report", description=__doc__.split("\n")[0])
-    parser.add_argument("--results", type=Path, default=Path("results"))
-    build_report(parser.parse_args(argv).results)
+    run(parse("report", argv))

@@ -13,9 +13,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from bench.arguments import parse
 from bench.config import RunConfig
 from bench.provenance import load_average, provenance
-from bench.records import SCHEMA_VERSION, read_record, record_path, release_claim, try_claim, write_record
+from bench.records import (
+    SCHEMA_VERSION,
+    RecordError,
+    ResultsFolderError,
+    check_results_folder,
+    read_record,
+    record_path,
+    release_claim,
+    try_claim,
+    write_record,
+)
 from bench.sweep import SweepError, load_sweep
 from bench.train import DivergedError, resolve_device, train_run
 
@@ -69,8 +80,29 @@ def is_finished(run: RunConfig, results: str | Path, retry_failed: bool) -> bool
     return not retry_failed or read_record(path)["status"] == "ok"
 
 
+def check_existing_records(runs: list[RunConfig], results: str | Path) -> None:
+    """SweepError listing every corrupt or incomplete record of this sweep, before any run starts: a
+    record that cannot be read would otherwise count as done and fail only at report time."""
+    problems = []
+    for run in runs:
+        path = record_path(results, run.run_id)
+        if path.exists():
+            try:
+                read_record(path)
+            except RecordError as err:
+                problems.append(str(err))
+    if problems:
+        problems.append(
+            "delete (or move away) the file(s) above, then run the sweep again to redo those runs"
+        )
+        raise SweepError(str(results), problems)
+
+
 def pending(runs: list[RunConfig], results: str | Path, retry_failed: bool) -> list[RunConfig]:
-    """The runs still to do (no record, or a failed one with ``retry_failed``); prints the tally."""
+    """The runs still to do (no record, or a failed one with ``retry_failed``); prints the tally.
+
+    Every existing record of the sweep is read first: corrupt ones are all reported at once."""
+    check_existing_records(runs, results)
     todo = [r for r in runs if not is_finished(r, results, retry_failed)]
     print(f"{len(runs)} runs in the sweep, {len(runs) - len(todo)} already recorded, {len(todo)} to run")
     return todo
@@ -80,7 +112,12 @@ def print_failures(statuses: dict[str, str]) -> None:
     """Tally of ``statuses`` (run_id -> status): how many ran, were skipped, and which failures."""
     skipped = sum(s == "skipped" for s in statuses.values())
     failed = sorted({s for s in statuses.values() if s not in ("ok", "skipped")})
-    print(f"ran {len(statuses) - skipped}, skipped {skipped} (claimed by another process)")
+    if not statuses:
+        print("nothing to run: every run of the sweep has a record")
+        return
+    print(f"ran {len(statuses) - skipped} run(s)")
+    if skipped:
+        print(f"{skipped} run(s) left to another process that holds or has just recorded them")
     if failed:
         n_failed = sum(s in failed for s in statuses.values())
         print(f"{n_failed} run(s) failed and were recorded as such: {', '.join(failed)}")
@@ -114,7 +151,11 @@ def run_sweep(
 
     ``workers`` > 1 runs that many processes with ``cpu_count // workers`` torch threads each;
     ``workers`` = 1 runs in this process (what tests use to inject failures).
+    The results folder and the sweep's existing records are checked before anything starts.
     """
+    if workers < 1:
+        raise ValueError(f"workers={workers}: give 1 (run in this process) or more (worker processes)")
+    check_results_folder(results)
     todo = pending(runs, results, retry_failed)
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     statuses: dict[str, str] = {}
@@ -142,35 +183,26 @@ def run_sweep(
 
 
 def main(argv: list[str] | None = None) -> None:
+    run(parse("sweep", argv))
+
+
+def run(args: argparse.Namespace) -> None:
     from bench import slurm
 
-    parser = argparse.ArgumentParser(
-        prog="bench sweep", description="Run a sweep file, then build the report."
-    )
-    parser.add_argument("sweep", type=Path, help="sweep file (YAML), e.g. bench/presets/default.yaml")
-    parser.add_argument(
-        "--results", type=Path, default=Path("results"), help="results folder (records, tables)"
-    )
-    parser.add_argument("--workers", type=int, default=2, help="parallel processes (1: in this process)")
-    parser.add_argument(
-        "--executor", choices=("local", "submitit"), default="local", help="submitit: one SLURM job per run"
-    )
-    parser.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
-    parser.add_argument("--no-report", action="store_true", help="skip building tables and figures")
-    parser.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
-    slurm.add_arguments(parser)
-    args = parser.parse_args(argv)
     try:
         sweep = load_sweep(args.sweep)
     except SweepError as err:
         sys.exit(str(err))
     if args.dry_run:
-        for run in sweep.runs:
-            print(run.run_id)
+        for run_config in sweep.runs:
+            print(run_config.run_id)
         print(f"{len(sweep.runs)} runs")
         return
     if args.executor == "local":
-        run_sweep(sweep.runs, args.results, args.workers, args.retry_failed)
+        try:
+            run_sweep(sweep.runs, args.results, args.workers, args.retry_failed)
+        except (SweepError, ResultsFolderError) as err:
+            sys.exit(str(err))
     elif not slurm.run(sweep, args):
         return  # submitted without waiting: nothing to report yet
     if not args.no_report:

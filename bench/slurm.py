@@ -23,10 +23,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from bench.arguments import SLURM_KEYS
 from bench.config import RunConfig
 from bench.records import read_record, record_path, release_claim, try_claim
 from bench.runner import claim_and_execute, pending, print_failures
-from bench.sweep import SLURM_KEYS, Sweep
+from bench.sweep import Sweep
 
 DEFAULTS = {"gpus_per_node": 1, "cpus_per_task": 4, "timeout_min": 240}
 """Job settings unless the sweep file's ``slurm:`` or the CLI say otherwise (submitit's time is 5 min)."""
@@ -35,27 +36,6 @@ GENERIC = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
 POLL_S = {"local": 1.0, "slurm": 30.0}
 MISSING = "no record"
 """What ``summarize`` reports for a run whose job ended without writing its record."""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The submitit options of ``bench sweep``; job settings given here override the sweep file's."""
-    group = parser.add_argument_group("--executor submitit", "job settings override the sweep file's slurm:")
-    group.add_argument(
-        "--cluster",
-        choices=("slurm", "local"),
-        default="slurm",
-        help="local: run the jobs as local processes, all at once (to try it without SLURM)",
-    )
-    group.add_argument("--no-wait", action="store_true", help="submit, print the job ids and exit")
-    group.add_argument("--watch", action="store_true", help="submit nothing; show a bar over the records")
-    group.add_argument(
-        "--steal-claims",
-        action="store_true",
-        help="delete claims left by killed jobs before submitting (nothing else may use --results)",
-    )
-    for key, kind in SLURM_KEYS.items():
-        if kind is not list:
-            group.add_argument(f"--{key.replace('_', '-')}", type=kind, metavar=kind.__name__.upper())
 
 
 def run(sweep: Sweep, args: argparse.Namespace) -> bool:

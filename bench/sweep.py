@@ -26,26 +26,11 @@ from typing import Any
 import yaml
 
 import snell
+from bench.arguments import SLURM_KEYS
 from bench.config import TRAIN_FIELDS, RunConfig, TrainConfig
 from bench.data import build_task
 
 TOP_KEYS = ("name", "description", "train", "tasks", "seeds", "options", "grid", "slurm")
-SLURM_KEYS = {
-    "partition": str,
-    "account": str,
-    "qos": str,
-    "constraint": str,
-    "gpus_per_node": int,
-    "cpus_per_task": int,
-    "mem_gb": float,
-    "timeout_min": int,
-    "array_parallelism": int,
-    "setup": list,
-}
-"""SLURM job settings a sweep file (``slurm:``) or the CLI may give to ``--executor submitit``.
-
-``setup`` lists shell lines run before each job (``module load ...``); the others are sbatch settings.
-"""
 _KIND_NAMES = {str: "a string", int: "an integer >= 0", float: "a number >= 0", list: "a list of shell lines"}
 ENTRY_KEYS = ("method", "train", "tasks", "seeds")
 

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .registry import apply_method, config_from_dict
+from .registry import apply_method, config_from_dict, unchanged_on_error
 from .wrap import AdaptedLinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -56,7 +56,11 @@ def adapter_size_bytes(path: str | Path) -> int:
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    """Apply the saved method to a fresh ``model`` and load its tensors. Errors name the bad file."""
+    """Apply the saved method to a fresh ``model`` and load its tensors.
+
+    Atomic: if the adapter does not fit (other backbone, head size or rank), a ValueError names the
+    adapter folder, the first tensor that differs and both shapes, and the model is left as it was.
+    """
     path = Path(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     for f in (config_file, weights_file):
@@ -70,14 +74,33 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"corrupt adapter weights {weights_file}: {err}") from err
-    apply_method(model, config)
-    expected = adapter_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    with unchanged_on_error(model):
+        try:
+            apply_method(model, config)
+        except ValueError as err:
+            raise ValueError(
+                f"adapter {path} ({config.method}) cannot be applied to this model: {err}"
+            ) from err
+        expected = adapter_state_dict(model)
+        in_model_order = {k: expected[k] for k in model.state_dict() if k in expected}
+        check_fits(in_model_order, tensors, path)
+        with torch.no_grad():
+            model.load_state_dict(tensors, strict=False)
+    return model
+
+
+def check_fits(expected: dict[str, Tensor], saved: dict[str, Tensor], path: Path) -> None:
+    """ValueError naming the adapter folder and the first tensor whose name or shape differs."""
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"adapter {weights_file} does not fit this model: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"adapter {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    with torch.no_grad():
-        model.load_state_dict(tensors, strict=False)
-    return model
+    wrong = [k for k in expected if saved[k].shape != expected[k].shape]  # in the model's order
+    if wrong:
+        first = wrong[0]
+        raise ValueError(
+            f"adapter {path} does not fit this model: {first} is {tuple(saved[first].shape)} in the adapter "
+            f"but {tuple(expected[first].shape)} in the model ({len(wrong)} tensor(s) differ; was the "
+            "adapter trained on another backbone, number of classes or rank?)"
+        )

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -111,16 +112,49 @@ def config_from_dict(data: dict[str, Any]) -> TuningConfig:
     return method_config(data.pop("method"), **data)
 
 
+@contextmanager
+def unchanged_on_error(model: nn.Module) -> Iterator[None]:
+    """Undo every change a method makes to ``model`` if the block raises: module tree (types and
+    children), ``requires_grad`` flags, gradients, train/eval modes and ``tuning_config``.
+
+    Methods wrap modules and flip flags but never write weights, so the saved references suffice;
+    wrapped layers keep the original module objects, which come back as they were.
+    """
+    children = [(module, dict(module._modules)) for module in model.modules()]
+    modes = [(module, module.training) for module in model.modules()]
+    params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    had_config = "tuning_config" in model.__dict__
+    config = model.__dict__.get("tuning_config")
+    try:
+        yield
+    except BaseException:
+        for module, kids in children:
+            module._modules.clear()
+            module._modules.update(kids)
+        for module, training in modes:
+            module.training = training
+        for p, requires_grad, grad in params:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+        if had_config:
+            model.tuning_config = config
+        else:
+            model.__dict__.pop("tuning_config", None)
+        raise
+
+
 def apply_method(model: nn.Module, config: TuningConfig, calibration: Calibration = None) -> nn.Module:
     """Apply a tuning method to ``model`` in place and return it.
 
-    Bad input raises ValueError before the model is touched. The applied (possibly resolved) config is
-    kept as ``model.tuning_config`` for ``save_adapter``.
+    Atomic: on any error (bad input, a failing calibration batch) the model is left exactly as it was,
+    and bad input raises ValueError naming the value. The applied (possibly resolved) config is kept as
+    ``model.tuning_config`` for ``save_adapter``.
     """
     if not isinstance(config, TuningConfig):
         raise TypeError(f"config must come from snell.method_config(...), got {type(config).__name__}")
     if getattr(model, "tuning_config", None) is not None:
         raise ValueError(f"model already has method {model.tuning_config.method!r} applied")
     spec = get_method(config.method)
-    model.tuning_config = spec.apply(model, config, calibration)
+    with unchanged_on_error(model):
+        model.tuning_config = spec.apply(model, config, calibration)
     return model

@@ -6,6 +6,7 @@ Shared by every method that adapts ``nn.Linear`` layers (LoRA, SNELL, SPT's stru
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -153,8 +154,22 @@ def replace_modules(model: nn.Module, names: Sequence[str], factory: Callable[[s
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its frozen weight, replacing it by a plain ``nn.Linear``. In place."""
+    """Fold every adapter into its frozen weight, replacing it by a plain ``nn.Linear``. In place.
+
+    A model with no tuning method applied is an error; a method that trains the model's own weights
+    (full, linear, bitfit) has nothing to fold, which a warning says.
+    """
     names = [n for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+    config = getattr(model, "tuning_config", None)
+    if not names and config is None:
+        raise ValueError(
+            "model has no adapter to merge: apply a method (snell.apply_method) or load one first"
+        )
+    if not names:
+        warnings.warn(
+            f"nothing to merge: method {config.method!r} trains the model's own weights, or is merged already",
+            stacklevel=2,
+        )
     replace_modules(model, names, lambda _, m: m.merged())
     return model
 

@@ -144,3 +144,82 @@ def test_corrupt_adapter_names_the_file(tmp_path, tiny_vit):
     weights.write_bytes(weights.read_bytes()[:50])
     with pytest.raises(ValueError, match="adapter_model.safetensors"):
         snell.load_adapter(make_tiny_vit(), path)
+
+
+def model_snapshot(model):
+    """What an atomic call must leave untouched: tensors, flags, module types, config."""
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        [(n, type(m).__name__) for n, m in model.named_modules()],
+        getattr(model, "tuning_config", None),
+    )
+
+
+def assert_unchanged(model, snapshot):
+    state, flags, types, config = snapshot
+    now_state, now_flags, now_types, now_config = model_snapshot(model)
+    assert now_state.keys() == state.keys() and all(torch.equal(now_state[k], state[k]) for k in state)
+    assert (now_flags, now_types, now_config) == (flags, types, config)
+
+
+def saved_adapter(tmp_path, model, **options):
+    snell.apply_method(model, snell.method_config("snell", **options))
+    return snell.save_adapter(model, tmp_path / "adapter")
+
+
+def wider_vit(num_classes=5):
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=4, in_chans=1, embed_dim=48, depth=2, num_heads=2, num_classes=num_classes
+    )
+
+
+def rank_edited(path):
+    config = path / "adapter_config.json"
+    config.write_text(config.read_text().replace('"rank": 4', '"rank": 2'))
+    return path
+
+
+MISFITS = {  # a saved adapter and a model it does not fit, and the first tensor that differs
+    "other backbone": (lambda p: p, wider_vit, "cls_token"),
+    "other head size": (lambda p: p, lambda: make_tiny_vit(num_classes=9), "head.weight"),
+    "other rank": (rank_edited, make_tiny_vit, "blocks.0.attn.qkv.lora_A"),
+}
+
+
+@pytest.mark.parametrize("case", MISFITS)
+def test_load_adapter_that_does_not_fit_names_it_and_leaves_the_model_as_it_was(case, tmp_path, images):
+    edit, target, first_tensor = MISFITS[case]
+    path = edit(saved_adapter(tmp_path, make_tiny_vit(), rank=4))
+    model = target()
+    before = model_snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=rf"adapter {path}.*: {first_tensor} is \([\d, ]+\) in the adapter but \([\d, ]+\) in the model",
+    ):
+        snell.load_adapter(model, path)
+    assert_unchanged(model, before)
+    snell.apply_method(model, snell.method_config("lora"))  # the model can take an adapter again
+
+
+def test_apply_method_failing_midway_leaves_the_model_as_it_was():
+    model = make_tiny_vit()
+    before = model_snapshot(model)
+
+    def batches():  # SPT's calibration: one good batch, then one whose labels do not exist
+        yield torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
+        yield torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 99])
+
+    with pytest.raises((IndexError, RuntimeError)):
+        snell.apply_method(model, snell.method_config("spt-lora", budget=500), calibration=batches())
+    assert_unchanged(model, before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_merge_says_when_there_is_nothing_to_merge():
+    with pytest.raises(ValueError, match="no adapter to merge"):
+        snell.merge(make_tiny_vit())
+    model = snell.apply_method(make_tiny_vit(), snell.method_config("full"))
+    with pytest.warns(UserWarning, match="nothing to merge"):
+        snell.merge(model)

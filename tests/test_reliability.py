@@ -128,7 +128,7 @@ def test_two_sweeps_on_one_folder_split_the_work(tmp_path):
     procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)
-    ran = [int(re.search(r"^ran (\d+),", out, re.MULTILINE).group(1)) for out in outputs]
+    ran = [int(re.search(r"^ran (\d+) run", out, re.MULTILINE).group(1)) for out in outputs]
     assert sum(ran) == 6, outputs  # every run executed exactly once across both sweeps
     records = load_records(results)
     assert len(records) == 6 and all(r["status"] == "ok" for r in records)
@@ -149,3 +149,49 @@ def test_bad_config_fails_before_any_run(tmp_path, bad):
     done = run_bench("sweep", str(sweep), "--results", str(tmp_path / "r"))
     assert done.returncode != 0 and "nothing was run" in done.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_corrupt_and_incomplete_records_are_all_named_before_any_run(tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml", [{"method": "linear"}], seeds=[0, 1, 2, 3])
+    results = tmp_path / "r"
+    assert run_bench("sweep", str(sweep), "--results", str(results), "--no-report").returncode == 0
+    paths = record_files(results)
+    for path in paths[:2]:  # truncated mid-write by hand, say
+        path.write_text(path.read_text()[:500])
+    paths[2].write_text("{}")
+    paths[3].unlink()  # one run still to do: it must not start either
+    done = run_bench("sweep", str(sweep), "--results", str(results), "--no-report")
+    assert done.returncode != 0 and "nothing was run" in done.stderr
+    assert all(path.name in done.stderr for path in paths[:3]), done.stderr
+    assert done.stderr.count("delete it to rerun") == 3 and "lacks key(s)" in done.stderr
+    assert not paths[3].exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_read_only_results_folder_fails_at_once_with_one_line(tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml", [{"method": "linear"}])
+    results = tmp_path / "r"
+    results.mkdir()
+    results.chmod(0o500)
+    start = time.perf_counter()
+    done = run_bench("sweep", str(sweep), "--results", str(results))
+    assert done.returncode != 0 and time.perf_counter() - start < 5
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"results folder {results / 'records'} is not writable: no write permission")
+
+
+def test_results_folder_that_cannot_be_written_fails_at_once_with_one_line(tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml", [{"method": "linear"}])
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the results folder should be")
+    start = time.perf_counter()
+    done = run_bench("sweep", str(sweep), "--results", str(blocker), "--workers", "2")
+    assert done.returncode != 0 and time.perf_counter() - start < 5
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"results folder {blocker / 'records'} is not writable")
+
+
+def test_workers_below_one_are_rejected_naming_the_value(tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml", [{"method": "linear"}])
+    done = run_bench("sweep", str(sweep), "--workers", "0")
+    assert done.returncode != 0 and "'0': give 1 (run in this process) or more" in done.stderr

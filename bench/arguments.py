@@ -1,0 +1,242 @@
+"""Every ``python -m bench`` command's arguments, in a module that imports nothing heavy.
+
+``python -m bench <command>`` parses here first, so ``--help`` and a bad option answer at once
+(well under a second), before torch, timm or pandas are imported; the command's module then runs on the
+parsed arguments (``run(args)``). The constants the parsers show (model names, notebook names) live here
+and the command modules import them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.config import EMBEDDED_WEIGHTS
+from bench.records import check_results_folder
+
+PRECISIONS = ("fp32", "bf16")
+MEMORY_MODELS = {
+    "ViT-B/16": "vit_base_patch16_224",
+    "ViT-L/16": "vit_large_patch16_224",
+    "ViT-H/14": "vit_huge_patch14_224",
+}
+"""The memory sweep's models: display name -> timm name."""
+MEMORY_BATCH_SIZES = (8, 64)
+GPU_CHECK_CSV = "results/gpu/gpu_check.csv"
+NOTEBOOKS = ("01_kernels.ipynb", "02_sparsity_and_rank.ipynb", "03_memory.ipynb")
+NOTEBOOK_SMALL_ENV = "SNELL_NOTEBOOK_SMALL"
+NOTEBOOK_RESULTS_ENV = "SNELL_RESULTS"
+SLURM_KEYS = {
+    "partition": str,
+    "account": str,
+    "qos": str,
+    "constraint": str,
+    "gpus_per_node": int,
+    "cpus_per_task": int,
+    "mem_gb": float,
+    "timeout_min": int,
+    "array_parallelism": int,
+    "setup": list,
+}
+"""SLURM job settings a sweep file (``slurm:``) or the CLI may give to ``--executor submitit``.
+
+``setup`` lists shell lines run before each job (``module load ...``); the others are sbatch settings.
+"""
+
+
+def workers(text: str) -> int:
+    """``--workers``: 1 runs in this process, N > 1 that many worker processes; 0 or less is an error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give 1 (run in this process) or more (that many worker processes)"
+        )
+    return value
+
+
+def _sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", type=Path, help="sweep file (YAML), e.g. bench/presets/default.yaml")
+    p.add_argument("--results", type=Path, default=Path("results"), help="results folder (records, tables)")
+    p.add_argument(
+        "--workers",
+        type=workers,
+        default=2,
+        help="worker processes, each with cores / workers torch threads (1: in this process; default 2)",
+    )
+    p.add_argument(
+        "--executor", choices=("local", "submitit"), default="local", help="submitit: one SLURM job per run"
+    )
+    p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    p.add_argument("--no-report", action="store_true", help="skip building tables and figures")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
+    group = p.add_argument_group("--executor submitit", "job settings override the sweep file's slurm:")
+    group.add_argument(
+        "--cluster",
+        choices=("slurm", "local"),
+        default="slurm",
+        help="local: run the jobs as local processes, all at once (to try it without SLURM)",
+    )
+    group.add_argument("--no-wait", action="store_true", help="submit, print the job ids and exit")
+    group.add_argument("--watch", action="store_true", help="submit nothing; show a bar over the records")
+    group.add_argument(
+        "--steal-claims",
+        action="store_true",
+        help="delete claims left by killed jobs before submitting (nothing else may use --results)",
+    )
+    for key, kind in SLURM_KEYS.items():
+        if kind is not list:
+            group.add_argument(f"--{key.replace('_', '-')}", type=kind, metavar=kind.__name__.upper())
+
+
+def _report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", type=Path, default=Path("results"))
+
+
+def _pretrain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument(
+        "--out", type=Path, default=EMBEDDED_WEIGHTS, help="safetensors file; recipe json beside it"
+    )
+
+
+def _memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="timm model name, e.g. vit_base_patch16_224 (random weights)")
+    p.add_argument("--method", default="lora", help="a registered method (snell.list_methods())")
+    p.add_argument("--options", type=json.loads, default={}, help='method options as JSON: {"rank": 8}')
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 = bf16 autocast")
+    p.add_argument("--img-size", type=int, default=None, help="override the model's input size")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument(
+        "--measure",
+        choices=("cpu", "cuda"),
+        help="also run the step for real on this device and print the measured peak beside the estimate",
+    )
+
+
+def _memory_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", type=Path, default=Path("results/memory"), help="output directory")
+    p.add_argument("--models", nargs="+", choices=list(MEMORY_MODELS), default=list(MEMORY_MODELS))
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=list(MEMORY_BATCH_SIZES))
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 = bf16 autocast")
+    p.add_argument("--workers", type=workers, default=min(2, os.cpu_count() or 1), help="processes")
+    p.add_argument("--measure", action="store_true", help="also measure every point on the GPU (needs CUDA)")
+    p.add_argument("--replot", action="store_true", help="only redraw the figures and markdown from the CSV")
+    p.add_argument(
+        "--gpu-check",
+        type=Path,
+        default=Path(GPU_CHECK_CSV),
+        help="CUDA peaks from `bench gpu-check` to put beside the estimates, if the file exists",
+    )
+
+
+def _perf_step(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("results/perf"), help="folder for CSV + markdown")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: steadiest on a shared machine)"
+    )
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
+    p.add_argument("--rounds", type=int, default=9, help="timed steps per variant, at most")
+    p.add_argument("--budget", type=float, default=150.0, help="seconds of timed rounds, after 3 rounds")
+    p.add_argument(
+        "--vit-b-batches",
+        type=int,
+        nargs="*",
+        default=[8, 64],
+        help="ViT-B/16 simulator batches (none: skip)",
+    )
+
+
+def _gpu_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("results/gpu"))
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument(
+        "--estimate", action="store_true", help="also run the CPU simulator on each fp32 step (minutes)"
+    )
+
+
+def _notebooks(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="*", help=f"which notebooks (name or prefix); default: all of {NOTEBOOKS}")
+    p.add_argument("--in-place", action="store_true", help="store outputs in the notebooks themselves")
+    p.add_argument("--small", action="store_true", help=f"small workload ({NOTEBOOK_SMALL_ENV}=1), for tests")
+    p.add_argument("--out", type=Path, help="write the executed copies to this folder")
+    p.add_argument(
+        "--results", type=Path, help=f"benchmark results for notebook 2 (sets {NOTEBOOK_RESULTS_ENV})"
+    )
+    p.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
+
+
+def _check_sweep(args: argparse.Namespace) -> None:
+    if not args.dry_run and args.executor == "local":
+        check_results_folder(args.results)
+
+
+class Command:
+    """One ``python -m bench`` command: the module that runs it, a one-line help, its arguments and
+    the checks that need no heavy import (run before the module is imported)."""
+
+    def __init__(
+        self,
+        module: str,
+        help_: str,
+        arguments: Callable[[argparse.ArgumentParser], None],
+        check: Callable[[argparse.Namespace], None] | None = None,
+    ) -> None:
+        self.module, self.help, self.arguments, self.check = module, help_, arguments, check
+
+
+COMMANDS = {
+    "sweep": Command(
+        "bench.runner",
+        "run a sweep file (YAML): train, measure and record every run, then report",
+        _sweep,
+        _check_sweep,
+    ),
+    "report": Command("bench.report", "rebuild tables and figures from existing records", _report),
+    "pretrain": Command(
+        "bench.pretrain", "pretrain the embedded ViT backbone on MNIST (the committed asset)", _pretrain
+    ),
+    "memory": Command(
+        "bench.memory", "estimate the peak memory of one training step without allocating it", _memory
+    ),
+    "memory-sweep": Command(
+        "bench.memory_sweep", "memory estimates over models x batches x methods, with figures", _memory_sweep
+    ),
+    "perf-step": Command(
+        "bench.perf_step", "step time and memory ratios: snell vs lora vs the reference SNELL", _perf_step
+    ),
+    "gpu-check": Command(
+        "bench.gpu_check",
+        "real CUDA peak memory and step time of full / LoRA / SNELL on ViT-B/16",
+        _gpu_check,
+    ),
+    "notebooks": Command("bench.notebooks", "execute the ablation notebooks", _notebooks),
+}
+
+
+def parse(command: str, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``python -m bench <command> <argv>``; ``args.argv`` keeps the arguments as given."""
+    spec = COMMANDS[command]
+    parser = argparse.ArgumentParser(prog=f"python -m bench {command}", description=spec.help)
+    spec.arguments(parser)
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if spec.check is not None:
+        try:
+            spec.check(args)
+        except ValueError as err:
+            sys.exit(str(err))
+    return args
