@@ -167,7 +167,7 @@ def merge(model: nn.Module) -> nn.Module:
         )
     if not names:
         warnings.warn(
-            f"nothing to merge: method {config.method!r} trains the model's own weights, or is merged already",
+            f"nothing to merge: method {config.method!r} trains the model's own weights (or is merged)",
             stacklevel=2,
         )
     replace_modules(model, names, lambda _, m: m.merged())
