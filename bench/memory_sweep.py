@@ -169,8 +169,23 @@ def _measured_table(measured: pd.DataFrame, estimates: pd.DataFrame) -> str:
     precision: this sweep's ``--measure`` rows, or ``bench gpu-check``'s."""
     keys = ["model", "method", "batch_size", "precision"]
     both = measured.merge(estimates, on=keys, suffixes=("", "_estimate"))
+    if "trainable_params" in measured:  # a measurement of another adapter layout is not the same step
+        other = both[both.trainable_params != both.trainable_params_estimate]
+        both = both[both.trainable_params == both.trainable_params_estimate]
+        if not other.empty:
+            listed = ", ".join(sorted(set(other.method)))
+            note = (
+                f"Not compared: {listed}, measured with another adapter layout than this sweep's "
+                "(trainable parameters differ: an earlier commit); rerun `bench gpu-check` to compare them."
+            )
+            return note if both.empty else f"{_compared(both, keys)}\n\n{note}"
     if both.empty:
         return "(none of the measured configurations is in this sweep)"
+    return _compared(both, keys)
+
+
+def _compared(both: pd.DataFrame, keys: list[str]) -> str:
+    both = both.copy()
     both["measured / estimate"] = both.peak_mib / both.peak_mib_estimate
     both["measured (MiB)"] = both.peak_mib.map(_mib)
     both["estimate (MiB)"] = both.peak_mib_estimate.map(_mib)
