@@ -8,20 +8,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from snell.config import check_probability, check_rank
-from snell.model import check_rank_fits, set_cls_token_trainable
 from snell.registry import Calibration, TuningConfig, register_method
+from snell.validation import check_probability, check_rank, check_targets
 from snell.wrap import (
     DEFAULT_TARGETS,
     NO_DROPOUT_TARGETS,
     AdaptedLinear,
+    adapt_linears,
     branch_dropout,
-    check_patterns_match,
     check_qkv_layout,
-    freeze_all_but_head,
-    matches,
     qkv_groups,
-    replace_modules,
 )
 
 
@@ -79,25 +75,17 @@ class LoraConfig(TuningConfig):
         check_rank(self.rank)
         check_probability("dropout", self.dropout)
         check_qkv_layout(self.qkv, ("separate", "shared_a"))
-        if not self.targets:
-            raise ValueError("targets must name at least one module pattern")
+        check_targets(self.targets)
 
 
 @register_method("lora", LoraConfig, "LoRA: low-rank parallel branch")
 def apply_lora(model: nn.Module, cfg: LoraConfig, calibration: Calibration = None) -> LoraConfig:
-    names = check_patterns_match(model, cfg.targets, defaults_may_miss=cfg.targets == DEFAULT_TARGETS)
-    check_rank_fits(model, names, cfg.rank)
-    freeze_all_but_head(model, cfg.train_head)
-    set_cls_token_trainable(model, cfg.train_cls_token)
-    replace_modules(
+    one_a = cfg.qkv == "shared_a"  # one A on the fused qkv: plain LoRA on it
+    adapt_linears(
         model,
-        names,
-        lambda name, layer: LoraLinear(
-            layer,
-            cfg.rank,
-            cfg.alpha,
-            0.0 if matches(name, cfg.no_dropout_targets) else cfg.dropout,
-            groups=qkv_groups(name, layer, cfg.qkv) if cfg.qkv == "separate" else 1,  # shared A: plain LoRA
+        cfg,
+        lambda name, layer, dropout: LoraLinear(
+            layer, cfg.rank, cfg.alpha, dropout, groups=1 if one_a else qkv_groups(name, layer, cfg.qkv)
         ),
     )
     return cfg

@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from snell.config import check_probability, check_rank
-from snell.model import check_rank_fits, set_cls_token_trainable
 from snell.registry import Calibration, TuningConfig, register_method
+from snell.validation import check_probability, check_rank, check_rank_fits, check_targets
 from snell.wrap import (
     DEFAULT_TARGETS,
     AdaptedLinear,
     check_patterns_match,
     freeze_all_but_head,
     replace_modules,
+    set_cls_token_trainable,
 )
 
 from .lora import LoraLinear
@@ -160,8 +160,7 @@ class SptConfig(TuningConfig):
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
         check_probability("dropout", self.dropout)
-        if not self.targets:
-            raise ValueError("targets must name at least one module pattern")
+        check_targets(self.targets)
         if self.plan and not _is_plan(self.plan):
             raise ValueError(
                 "plan must be {'matrices': {name: 'lora' | entry count >= 1}, 'vectors': [names]} "

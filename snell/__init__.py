@@ -5,6 +5,8 @@ model = timm.create_model("vit_tiny_patch16_224", num_classes=10)
 snell.apply_method(model, snell.method_config("snell", rank=8, kernel="piecewise_linear", sparsity=0.9))
 """
 
+import baselines as _baselines  # noqa: F401  (registers full, linear, bitfit, lora, spt-lora)
+
 from . import model as _snell_method  # noqa: F401  (registers "snell")
 from .adapter import adapter_size_bytes, count_trainable, load_adapter, save_adapter
 from .kernels import Kernel, build_kernel, list_kernels, register_kernel

@@ -8,17 +8,8 @@ from typing import Any
 from .kernels import check_kernel_name, check_kernel_options
 from .registry import TuningConfig
 from .sparsify import check_rule, check_sparsity
+from .validation import check_probability, check_rank, check_targets
 from .wrap import DEFAULT_TARGETS, NO_DROPOUT_TARGETS, check_qkv_layout
-
-
-def check_rank(rank: Any) -> None:
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"rank={rank!r} must be an integer >= 1")
-
-
-def check_probability(name: str, value: Any) -> None:
-    if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
-        raise ValueError(f"{name}={value!r} must be a number in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -61,5 +52,4 @@ class SnellConfig(TuningConfig):
         check_qkv_layout(self.qkv)
         check_probability("dropout", self.dropout)
         check_probability("drop_path", self.drop_path)
-        if not self.targets:
-            raise ValueError("targets must name at least one module pattern")
+        check_targets(self.targets)

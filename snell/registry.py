@@ -63,14 +63,8 @@ def register_method(name: str, config_cls: type[TuningConfig], description: str 
     return deco
 
 
-def _load_builtin_methods() -> None:
-    # The reference baselines ship beside the library and register themselves on import.
-    import baselines  # noqa: F401
-
-
 def list_methods() -> list[str]:
     """Names of all registered tuning methods."""
-    _load_builtin_methods()
     return sorted(_METHODS)
 
 

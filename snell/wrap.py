@@ -8,9 +8,12 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .validation import check_rank_fits
 
 DEFAULT_TARGETS = ("*attn.qkv", "*attn.q", "*attn.k", "*attn.v", "*attn.proj", "*mlp.fc1", "*mlp.fc2")
 """q, k, v (timm fuses them into ``qkv``), attention proj, fc1 and fc2 of every block."""
@@ -187,3 +190,30 @@ def classifier(model: nn.Module) -> nn.Module:
     if not hasattr(model, "get_classifier"):
         raise ValueError(f"{type(model).__name__} has no get_classifier(); pass train_head=False")
     return model.get_classifier()
+
+
+def set_cls_token_trainable(model: nn.Module, train: bool) -> None:
+    """Train the model's cls token too (the public SNELL code does), if asked and if it has one."""
+    token = getattr(model, "cls_token", None)
+    if train and isinstance(token, nn.Parameter):
+        token.requires_grad_(True)
+
+
+def adapt_linears(
+    model: nn.Module, cfg: Any, make_layer: Callable[[str, nn.Linear, float], nn.Module]
+) -> list[str]:
+    """The apply step every low-rank adapter method shares, for a config with ``targets``, ``rank``,
+    ``dropout``, ``no_dropout_targets``, ``train_head`` and ``train_cls_token``: find the target linear
+    layers (a default pattern may match nothing), check that the rank fits each, freeze everything but
+    the head (and the cls token if asked), then wrap each target with ``make_layer(name, layer,
+    dropout)``, its branch dropout being 0 on ``no_dropout_targets``. Returns the names."""
+    names = check_patterns_match(model, cfg.targets, defaults_may_miss=tuple(cfg.targets) == DEFAULT_TARGETS)
+    check_rank_fits(model, names, cfg.rank)
+    freeze_all_but_head(model, cfg.train_head)
+    set_cls_token_trainable(model, cfg.train_cls_token)
+
+    def wrap(name: str, layer: nn.Linear) -> nn.Module:
+        return make_layer(name, layer, 0.0 if matches(name, cfg.no_dropout_targets) else cfg.dropout)
+
+    replace_modules(model, names, wrap)
+    return names
