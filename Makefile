@@ -40,7 +40,7 @@ memory: $(STAMP)
 
 perf: $(STAMP)
 	$(PY) -m pytest bench/perf -q --benchmark-enable --benchmark-columns=min,median,max -p no:cacheprovider
-	$(PY) -m bench perf-step --out results/perf
+	$(PY) -m bench perf-step --results results/perf
 
 notebooks: $(STAMP)
 	$(PY) -m bench notebooks --in-place

@@ -140,7 +140,9 @@ def _memory_sweep(p: argparse.ArgumentParser) -> None:
 
 
 def _perf_step(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("results/perf"), help="folder for CSV + markdown")
+    p.add_argument(
+        "--results", type=Path, default=Path("results/perf"), help="output folder (CSV + markdown)"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (1: steadiest on a shared machine)"
@@ -149,7 +151,7 @@ def _perf_step(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=9, help="timed steps per variant, at most")
     p.add_argument("--budget", type=float, default=150.0, help="seconds of timed rounds, after 3 rounds")
     p.add_argument(
-        "--vit-b-batches",
+        "--vit-b-batch-sizes",
         type=int,
         nargs="*",
         default=[8, 64],
@@ -158,8 +160,8 @@ def _perf_step(p: argparse.ArgumentParser) -> None:
 
 
 def _gpu_check(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("results/gpu"))
-    p.add_argument("--batches", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--results", type=Path, default=Path("results/gpu"), help="output folder (CSV + markdown)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(MEMORY_BATCH_SIZES))
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)

@@ -5,7 +5,7 @@ weights, random 224 px batch, AdamW) for a few warm-up then timed steps; it reco
 ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` and the median step time, and beside them
 the CPU simulator's estimate of the same fp32 step (``bench.memory``), so the estimate can be checked.
 
-    python -m bench gpu-check --out results/gpu
+    python -m bench gpu-check --results results/gpu
 """
 
 from __future__ import annotations
@@ -16,73 +16,84 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import timm
 import torch
-import torch.nn.functional as F
 
 import snell
+from bench import step
 from bench.arguments import parse
 from bench.backbones import create_backbone
-from bench.memory import estimate_step_memory
+from bench.memory import step_memory
+from bench.methods import preset_config
 from bench.provenance import device_name, provenance, versions
 
 MODEL = "vit_base_patch16_224"
-METHODS = {
-    "full": ("full", {}),
-    "linear": ("linear", {}),
-    "lora-8": ("lora", {"rank": 8}),
-    "snell-8": ("snell", {"rank": 8}),
-    "snell-8 (no branch dropout)": ("snell", {"rank": 8, "dropout": 0.0, "drop_path": 0.0}),
-    "lora-8 (no branch dropout)": ("lora", {"rank": 8, "dropout": 0.0}),
-    "snell-8 (no recompute)": ("snell", {"rank": 8, "recompute": False}),
-}
+METHODS = (
+    "full",
+    "linear",
+    "lora-8",
+    "snell-8",
+    "snell-8 (no branch dropout)",
+    "lora-8 (no branch dropout)",
+    "snell-8 (no recompute)",
+)
+"""The checked presets of ``bench.methods.METHOD_PRESETS``."""
 MIB = 2**20
 
 
-def measure(label: str, batch: int, precision: str, warmup: int, steps: int, estimate: bool) -> dict:
-    """Peak CUDA memory and median step time of one method's training step."""
-    method, options = METHODS[label]
-    config = snell.method_config(method, **options)
+def measure(
+    label: str,
+    batch: int,
+    precision: str,
+    warmup: int,
+    steps: int,
+    estimate: bool,
+    *,
+    model_name: str = MODEL,
+    device: str = "cuda",
+) -> dict:
+    """Peak CUDA memory and median step time of one method's training step (``device="cpu"`` runs the
+    same step on the CPU, without the CUDA memory columns: how the tests check it)."""
+    config = preset_config(label)
     torch.manual_seed(0)
-    model = create_backbone(MODEL, 100, pretrained=False).cuda()
+    model = create_backbone(model_name, 100, pretrained=False).to(device)
     snell.apply_method(model, config)
     model.train()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4
     )
-    images = torch.randn(batch, 3, 224, 224, device="cuda")
-    labels = torch.randint(100, (batch,), device="cuda")
+    input_size = timm.data.resolve_model_data_config(model)["input_size"]
+    images = torch.randn(batch, *input_size, device=device)
+    labels = torch.randint(100, (batch,), device=device)
+    on_cuda = device.startswith("cuda")
 
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def timed_step() -> float:
+        tic = time.perf_counter()
+        step.train_step(model, optimizer, images, labels, precision=precision)
+        if on_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - tic
 
     for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        tic = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - tic)
+        timed_step()
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = [timed_step() for _ in range(steps)]
     row = {
-        "model": MODEL,
+        "model": model_name,
         "method": label,
         "batch_size": batch,
         "precision": precision,
-        "cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / MIB,
-        "cuda_max_reserved_mib": torch.cuda.max_memory_reserved() / MIB,
         "step_time_ms": 1e3 * statistics.median(times),
         "images_per_s": batch / statistics.median(times),
         "trainable_params": snell.count_trainable(model),
-        "device": torch.cuda.get_device_name(),
+        "device": device_name(torch.device(device)),
     }
-    if estimate and precision == "fp32":
-        row["estimate_mib"] = estimate_step_memory(MODEL, config, batch, precision).peak_bytes / MIB
+    if on_cuda:
+        row["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
+        row["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / MIB
+    if estimate and on_cuda and precision == "fp32":
+        row["estimate_mib"] = step_memory(model_name, config, batch, precision).peak_bytes / MIB
         row["allocated_over_estimate"] = row["cuda_max_allocated_mib"] / row["estimate_mib"]
     return row
 
@@ -133,7 +144,7 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit("bench gpu-check needs a CUDA device; on a CPU use `python -m bench memory`")
     print(device_name(torch.device("cuda")))
     rows = []
-    for batch in args.batches:
+    for batch in args.batch_sizes:
         for precision in args.precisions:
             for label in METHODS:
                 rows.append(measure(label, batch, precision, args.warmup, args.steps, args.estimate))
@@ -142,5 +153,5 @@ def run(args: argparse.Namespace) -> None:
                     {k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True
                 )
     command = "python -m bench gpu-check " + " ".join(args.argv)
-    write(pd.DataFrame(rows), args.out, command.strip())
-    print((args.out / "gpu_check.md").read_text())
+    write(pd.DataFrame(rows), args.results, command.strip())
+    print((args.results / "gpu_check.md").read_text())

@@ -3,11 +3,12 @@
 The model is built on the meta device and materialised as fake tensors (shapes and dtypes, no data);
 one training step then runs under torch's ``MemTracker``, which follows every tensor storage and
 reports the peak with its breakdown (parameters, buffers, gradients, optimizer state, activations,
-temporaries). ``measure_step_memory`` runs the same step on real tensors (CPU: torch.profiler's
-allocation events; CUDA: ``torch.cuda.max_memory_allocated``) to check the estimate.
+temporaries). ``step_memory(..., measure_on="cpu" | "cuda")`` runs the same step on real tensors
+(CPU: torch.profiler's allocation events; CUDA: ``torch.cuda.max_memory_allocated``) to check it.
 
-The step mirrors training: ``model.train()``, AdamW over the trainable parameters (``foreach=True``,
-the CUDA default), cross-entropy, backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)``.
+The step is training's own (``bench.step.train_step``): ``model.train()``, AdamW over the trainable
+parameters (``foreach=True``, the CUDA default), cross-entropy, backward, ``optimizer.step()``,
+``zero_grad(set_to_none=True)``.
 It is measured after optimizer state exists (created by one optimizer step on zero gradients, which
 leaves what a first training step leaves). Counted: tensor bytes only; no CUDA context, allocator
 cache or fragmentation.
@@ -24,7 +25,6 @@ from typing import Any, NamedTuple
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._C._profiler import _EventType
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -32,7 +32,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import snell
 from baselines.spt import SptConfig, budget_entries
-from bench.arguments import PRECISIONS, parse
+from bench import step
+from bench.arguments import parse
 from bench.backbones import create_backbone
 from bench.measure import MIB, StepMemoryTracker, peak_breakdown
 from snell.layer import blocks_as
@@ -119,11 +120,7 @@ def _train_step(setup: _Setup, batch_size: int, precision: str) -> None:
     device = next(setup.model.parameters()).device
     images = torch.randn(batch_size, *setup.input_size, device=device)
     labels = torch.randint(setup.model.num_classes, (batch_size,), device=device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss = F.cross_entropy(setup.model(images), labels)
-    loss.backward()
-    setup.optimizer.step()
-    setup.optimizer.zero_grad(set_to_none=True)
+    step.train_step(setup.model, setup.optimizer, images, labels, precision=precision)
 
 
 def _result(
@@ -144,25 +141,38 @@ def _result(
 
 
 def _check_args(precision: str, batch_size: int) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
+    step.check_precision(precision)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
 
 
-def estimate_step_memory(
+def step_memory(
     model_name: str,
     config: snell.TuningConfig,
     batch_size: int,
     precision: str = "fp32",
+    *,
     img_size: int | None = None,
     num_classes: int = 100,
+    measure_on: str | None = None,
     blocks: str = "cuda",
 ) -> MemoryEstimate:
-    """Peak memory of one training step of timm ``model_name`` tuned by ``config``, allocating no tensor
-    data (a ViT-B/16 estimate needs well under 1 GB of real memory). ``img_size`` overrides the model's;
-    ``blocks``: the device type whose block size SNELL's backward uses (``snell.layer.BLOCK_ENTRIES``)."""
+    """Peak memory of one training step of timm ``model_name`` tuned by ``config``.
+
+    By default an estimate that allocates no tensor data (a ViT-B/16 estimate needs well under 1 GB of
+    real memory); ``blocks`` is the device type whose block size SNELL's backward uses
+    (``snell.layer.BLOCK_ENTRIES``). ``measure_on="cpu"`` or ``"cuda"`` runs the same step on real tensors
+    instead and returns the allocator's peak tensor bytes (CPU: from torch.profiler's allocation events,
+    plus what was live before; CUDA: ``torch.cuda.max_memory_allocated``): for small models, or on a GPU.
+    ``img_size`` overrides the model's input size.
+    """
     _check_args(precision, batch_size)
+    if measure_on is not None:
+        setup = _setup(_backbone(model_name, img_size, num_classes, measure_on), config, img_size)
+        peak = _measured_peak(setup, lambda: _train_step(setup, batch_size, precision))
+        cuda = torch.device(measure_on).type == "cuda"
+        name = torch.cuda.get_device_name(measure_on) if cuda else "measured: CPU"
+        return _result(setup, model_name, batch_size, precision, peak, {}, name)
     model = _backbone(model_name, img_size, num_classes, "meta")
     # the meta-device model is the fake mode's only real input
     with FakeTensorMode(allow_non_fake_inputs=True), blocks_as(blocks):
@@ -207,25 +217,6 @@ def _measured_peak(setup: _Setup, step: Callable[[], None]) -> int:
     return sum(live.values()) + max((e.total_allocated for e in events), default=before) - before
 
 
-def measure_step_memory(
-    model_name: str,
-    config: snell.TuningConfig,
-    batch_size: int,
-    precision: str = "fp32",
-    img_size: int | None = None,
-    num_classes: int = 100,
-    device: str = "cpu",
-) -> MemoryEstimate:
-    """The same step as ``estimate_step_memory`` on real tensors: the allocator's peak tensor bytes
-    (CPU: from torch.profiler's allocation events, plus what was live before; CUDA:
-    ``torch.cuda.max_memory_allocated``). Allocates it all: for small models, or on a GPU."""
-    _check_args(precision, batch_size)
-    setup = _setup(_backbone(model_name, img_size, num_classes, device), config, img_size)
-    peak = _measured_peak(setup, lambda: _train_step(setup, batch_size, precision))
-    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "measured: CPU"
-    return _result(setup, model_name, batch_size, precision, peak, {}, name)
-
-
 def format_estimate(estimate: MemoryEstimate) -> str:
     """A short human-readable report: peak and breakdown in MiB."""
     lines = [
@@ -244,10 +235,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     config = snell.method_config(args.method, **args.options)
-    step = (args.model, config, args.batch_size, args.precision, args.img_size, args.num_classes)
-    estimate = estimate_step_memory(*step)
+    shape = {"img_size": args.img_size, "num_classes": args.num_classes}
+    estimate = step_memory(args.model, config, args.batch_size, args.precision, **shape)
     print(format_estimate(estimate))
     if args.measure:
-        measured = measure_step_memory(*step, device=args.measure)
+        measured = step_memory(
+            args.model, config, args.batch_size, args.precision, **shape, measure_on=args.measure
+        )
         print(format_estimate(measured))
         print(f"measured / estimate: {measured.peak_bytes / estimate.peak_bytes:.4f}")

@@ -21,25 +21,24 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-import snell
 from bench.arguments import GPU_CHECK_CSV, MEMORY_MODELS, parse
-from bench.memory import ESTIMATE_DEVICE, estimate_step_memory, measure_step_memory
+from bench.memory import ESTIMATE_DEVICE, step_memory
+from bench.methods import preset_config
 from bench.plots_memory import plot_breakdown, plot_memory_vs_model_size
 
 MODELS = MEMORY_MODELS
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "full": ("full", {}),
-    "linear": ("linear", {}),
-    "lora-8": ("lora", {"rank": 8}),
-    "lora-32": ("lora", {"rank": 32}),
-    "spt-lora (index)": ("spt-lora", {"mode": "index"}),
-    "spt-lora (grad mask)": ("spt-lora", {"mode": "grad_mask"}),
-    "snell-8": ("snell", {"rank": 8}),
-    "snell-32": ("snell", {"rank": 32}),
-    "snell-8 (no recompute)": ("snell", {"rank": 8, "recompute": False}),
-}
-"""Each method's defaults (as the paper's runs: dropout and drop-path 0.1, SNELL sparsity 0.9, SPT
-budget 400k entries) except the options named."""
+METHODS = (
+    "full",
+    "linear",
+    "lora-8",
+    "lora-32",
+    "spt-lora (index)",
+    "spt-lora (grad mask)",
+    "snell-8",
+    "snell-32",
+    "snell-8 (no recompute)",
+)
+"""The swept presets of ``bench.methods.METHOD_PRESETS``, in table order."""
 PAPER_MB = {
     "ViT-B/16": {"gps": 2428, "lora-8": 1546, "snell-8": 1673},
     "ViT-L/16": {"gps": 7522, "lora-8": 4325, "snell-8": 4519},
@@ -60,10 +59,9 @@ class Point(NamedTuple):
 def _row(point: Point, device: str | None = None) -> dict[str, Any]:
     """One CSV row: the estimate of ``point`` (``device=None``) or its real measurement on ``device``,
     with the seconds it took."""
-    method, options = METHODS[point.method]
-    step = (MODELS[point.arch], snell.method_config(method, **options), point.batch_size, point.precision)
+    step = (MODELS[point.arch], preset_config(point.method), point.batch_size, point.precision)
     start = time.perf_counter()
-    result = estimate_step_memory(*step) if device is None else measure_step_memory(*step, device=device)
+    result = step_memory(*step, measure_on=device)
     seconds = time.perf_counter() - start
     return {"arch": point.arch, "method": point.method, **result.to_dict(), "seconds": seconds}
 

@@ -17,23 +17,22 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import snell
+from bench import step
 from bench.arguments import parse
 from bench.measure import tracked_step_memory
-from bench.memory import estimate_step_memory
+from bench.memory import step_memory
+from bench.methods import preset_config
 from bench.provenance import device_name
 from bench.reference_snell import to_reference
 
-LIKE_FOR_LIKE = {"rank": 8, "dropout": 0.0}
-SNELL_LIKE_FOR_LIKE = {**LIKE_FOR_LIKE, "sparsity": 0.9, "drop_path": 0.0}
 GOALS = {
     "time snell / lora": 1.15,
     "memory snell / lora": 1.03,
@@ -50,17 +49,17 @@ class Variant:
     """One row of the table: a method config, optionally converted to the reference SNELL."""
 
     name: str
-    method: str
-    options: dict = field(default_factory=dict)
+    preset: str
+    """A label of ``bench.methods.METHOD_PRESETS``."""
     reference: bool = False
     note: str = ""
 
 
 VARIANTS = (
-    Variant("lora-8", "lora", LIKE_FOR_LIKE, note="dropout 0"),
-    Variant("snell-8", "snell", SNELL_LIKE_FOR_LIKE, note="dropout 0, drop-path 0: merged layer"),
-    Variant("reference-8", "snell", SNELL_LIKE_FOR_LIKE, True, "public code's layout, same factors"),
-    Variant("snell-8 default", "snell", {"rank": 8}, note="dropout 0.1, drop-path 0.1: branch form"),
+    Variant("lora-8", "lora-8 (no branch dropout)", note="dropout 0"),
+    Variant("snell-8", "snell-8 (no branch dropout)", note="dropout 0, drop-path 0: merged layer"),
+    Variant("reference-8", "snell-8 (no branch dropout)", True, "public code's layout, same factors"),
+    Variant("snell-8 default", "snell-8", note="dropout 0.1, drop-path 0.1: branch form"),
 )
 
 
@@ -90,19 +89,12 @@ def build(variant: Variant, images: torch.Tensor, labels: torch.Tensor) -> Setup
     """The model tuned by ``variant`` (same backbone and, for SNELL, same factors in every variant)."""
     model = cpu_vit()
     torch.manual_seed(1)
-    snell.apply_method(model, snell.method_config(variant.method, **variant.options))
+    snell.apply_method(model, preset_config(variant.preset))
     if variant.reference:
         to_reference(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
-
-    def step() -> None:
-        loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return Setup(variant, model, optimizer, step)
+    return Setup(variant, model, optimizer, lambda: step.train_step(model, optimizer, images, labels))
 
 
 def time_steps(setups: list[Setup], warmup: int, rounds: int, budget_s: float) -> dict[str, dict[str, list]]:
@@ -152,14 +144,9 @@ def vit_b16_memory(batches: tuple[int, ...]) -> pd.DataFrame:
     rows = []
     for batch in batches:
         row = {"batch": batch}
-        for name, method, options in (
-            ("lora-8", "lora", LIKE_FOR_LIKE),
-            ("snell-8", "snell", SNELL_LIKE_FOR_LIKE),
-        ):
-            estimate = estimate_step_memory(
-                "vit_base_patch16_224", snell.method_config(method, **options), batch
-            )
-            row[f"{name}_mib"] = estimate.peak_bytes / 2**20
+        for variant in VARIANTS[:2]:  # lora-8 and snell-8, like for like
+            estimate = step_memory("vit_base_patch16_224", preset_config(variant.preset), batch)
+            row[f"{variant.name}_mib"] = estimate.peak_bytes / 2**20
         row["snell / lora"] = row["snell-8_mib"] / row["lora-8_mib"]
         rows.append(row)
     return pd.DataFrame(rows).set_index("batch")
@@ -222,12 +209,12 @@ def run(args: argparse.Namespace) -> None:
     images = torch.randn(args.batch_size, 3, IMG_SIZE, IMG_SIZE, generator=generator)
     labels = torch.randint(10, (args.batch_size,), generator=generator)
     setups = [build(variant, images, labels) for variant in VARIANTS]
-    step = step_table(setups, time_steps(setups, args.warmup, args.rounds, args.budget))
-    vit_b = vit_b16_memory(tuple(args.vit_b_batches)) if args.vit_b_batches else None
-    args.out.mkdir(parents=True, exist_ok=True)
-    step.to_csv(args.out / "step.csv")
+    steps = step_table(setups, time_steps(setups, args.warmup, args.rounds, args.budget))
+    vit_b = vit_b16_memory(tuple(args.vit_b_batch_sizes)) if args.vit_b_batch_sizes else None
+    args.results.mkdir(parents=True, exist_ok=True)
+    steps.to_csv(args.results / "step.csv")
     if vit_b is not None:
-        vit_b.to_csv(args.out / "vit_b16_memory.csv")
-    report = markdown(step, vit_b, args)
-    (args.out / "perf_step.md").write_text(report)
+        vit_b.to_csv(args.results / "vit_b16_memory.csv")
+    report = markdown(steps, vit_b, args)
+    (args.results / "perf_step.md").write_text(report)
     print(report)

@@ -88,27 +88,27 @@ def timed_under_load(df: pd.DataFrame) -> pd.Series:
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Per (label, task): accuracy mean/std over successful seeds, cost means, and failure counts."""
-    ok = df[df.status == "ok"]
-    stats = ok.groupby(["label", "task"]).agg(
-        test_mean=("test_acc", "mean"),
-        test_std=("test_acc", "std"),
-        val_mean=("val_acc", "mean"),
-        seeds_ok=("seed", "count"),
-        trainable_params=("trainable_params", "mean"),
-        adapter_bytes=("adapter_bytes", "mean"),
-        peak_memory_mib=("peak_memory_mib", "mean"),
-        step_time_s=("step_time_s", "median"),
-        timed_under_load=("timed_under_load", "any"),
-    )
-    keys = df.groupby(["label", "task"]).agg(
+    ok = df.status == "ok"
+    measured = ["test_acc", "val_acc", "trainable_params", "adapter_bytes", "peak_memory_mib", "step_time_s"]
+    only_ok = df.assign(**{c: df[c].where(ok) for c in measured}, ok=ok, loaded=df.timed_under_load & ok)
+    summary = only_ok.groupby(["label", "task"]).agg(
         method=("method", "first"),
         kernel=("kernel", "first"),
         rank=("rank", "first"),
         sparsity=("sparsity", "first"),
         runs=("seed", "count"),
         failures=("status", lambda s: ", ".join(sorted(s[s != "ok"]))),
+        test_mean=("test_acc", "mean"),
+        test_std=("test_acc", "std"),
+        val_mean=("val_acc", "mean"),
+        seeds_ok=("ok", "sum"),
+        trainable_params=("trainable_params", "mean"),
+        adapter_bytes=("adapter_bytes", "mean"),
+        peak_memory_mib=("peak_memory_mib", "mean"),
+        step_time_s=("step_time_s", "median"),
+        timed_under_load=("loaded", "any"),
     )
-    return keys.join(stats).reset_index()
+    return summary.reset_index()
 
 
 def _cell(row: pd.Series) -> str:

@@ -7,7 +7,6 @@ import itertools
 import math
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import snell
+from bench import step
 from bench.backbones import create_backbone
 from bench.config import RunConfig, TrainConfig
 from bench.data import Task, build_task
@@ -84,11 +84,9 @@ def make_optimizer(
     return optimizer, scheduler
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when asked; full precision on the CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def precision(device: torch.device, amp: bool) -> str:
+    """'bf16' (autocast) on CUDA when ``amp`` is asked, else 'fp32': CPU runs stay in full precision."""
+    return "bf16" if amp and device.type == "cuda" else "fp32"
 
 
 @torch.no_grad()
@@ -98,7 +96,7 @@ def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig) -> float:
     correct = total = 0
     batches = loader(dataset, cfg.eval_batch_size, None, cfg)
     for images, labels in itertools.islice(batches, cfg.limit_eval_batches):
-        with autocast(model.device, cfg.amp):
+        with step.autocast(model.device.type, precision(model.device, cfg.amp)):
             logits = model.net(images.to(model.device))
         correct += (logits.argmax(1).cpu() == labels).sum().item()
         total += len(labels)
@@ -139,16 +137,11 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with autocast(device, cfg.amp):
-            loss = criterion(net(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+    step_precision = precision(device, cfg.amp)
 
     def record_step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        epoch_losses.append(step(*batch))
+        loss = step.train_step(net, optimizer, *batch, precision=step_precision, loss_fn=criterion)
+        epoch_losses.append(loss)
 
     loss_curve, step_times, step_cpu_times, memory = [], [], [], None
     bar = tqdm(total=total_steps, desc=run.label, unit="step", disable=not progress, leave=False)

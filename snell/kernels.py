@@ -99,9 +99,14 @@ def _coefficient(values: Sequence[float] | float, learnable: bool) -> Tensor | n
 
 
 class _ScaledKernel(Kernel):
-    """kappa = alpha * f(a, b) + gamma, with alpha/gamma fixed buffers or learnable parameters."""
+    """kappa = alpha * f(a, b) + gamma, with alpha/gamma fixed buffers or learnable parameters.
 
-    def __init__(self, rank: int, alpha: float, beta: float, gamma: float, learnable: bool) -> None:
+    The defaults are the RBF and Laplacian kernels' (which keep this constructor); others override them.
+    """
+
+    def __init__(
+        self, rank: int, alpha: float = 0.1, beta: float = 1.0, gamma: float = 0.0, learnable: bool = False
+    ) -> None:
         super().__init__(rank)
         self.beta = beta
         for key, value in (("alpha", alpha), ("gamma", gamma)):
@@ -196,11 +201,6 @@ class SigmoidKernel(_ScaledKernel):
 class RBFKernel(_ScaledKernel):
     """kappa(a, b) = alpha * exp(-beta * ||a - b||_2^2) + gamma (Gaussian kernel)."""
 
-    def __init__(
-        self, rank: int, alpha: float = 0.1, beta: float = 1.0, gamma: float = 0.0, learnable: bool = False
-    ) -> None:
-        super().__init__(rank, alpha, beta, gamma, learnable)
-
     def shape(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.exp(-self.beta * torch.cdist(b, a).square())
 
@@ -208,11 +208,6 @@ class RBFKernel(_ScaledKernel):
 @register_kernel("laplacian")
 class LaplacianKernel(_ScaledKernel):
     """kappa(a, b) = alpha * exp(-beta * ||a - b||_1) + gamma (as sklearn's laplacian_kernel)."""
-
-    def __init__(
-        self, rank: int, alpha: float = 0.1, beta: float = 1.0, gamma: float = 0.0, learnable: bool = False
-    ) -> None:
-        super().__init__(rank, alpha, beta, gamma, learnable)
 
     def shape(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.exp(-self.beta * torch.cdist(b, a, p=1.0))

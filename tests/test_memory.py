@@ -11,7 +11,7 @@ import pytest
 import timm
 
 import snell
-from bench.memory import MemoryEstimate, estimate_step_memory, measure_step_memory, uniform_spt_plan
+from bench.memory import MemoryEstimate, step_memory, uniform_spt_plan
 from bench.memory import main as memory_command
 from bench.memory_sweep import METHODS, MODELS, PAPER_MB, claims_table, write_markdown
 from bench.plots_memory import plot_breakdown, plot_memory_vs_model_size
@@ -30,7 +30,7 @@ _cache: dict[tuple, MemoryEstimate] = {}
 def estimate(name: str, precision: str = "fp32") -> MemoryEstimate:
     """Estimates of one batch-16 step of SMALL, each made once per test session."""
     if (name, precision) not in _cache:
-        _cache[name, precision] = estimate_step_memory(SMALL, CONFIGS[name], 16, precision)
+        _cache[name, precision] = step_memory(SMALL, CONFIGS[name], 16, precision)
     return _cache[name, precision]
 
 
@@ -39,7 +39,7 @@ def estimate(name: str, precision: str = "fp32") -> MemoryEstimate:
 )
 def test_estimate_equals_real_cpu_peak_within_2_percent(name, precision):
     estimated = estimate(name, precision=precision)
-    measured = measure_step_memory(SMALL, CONFIGS[name], 16, precision)
+    measured = step_memory(SMALL, CONFIGS[name], 16, precision, measure_on="cpu")
     assert measured.device == "measured: CPU" and estimated.device.startswith("estimate")
     assert measured.peak_bytes == pytest.approx(estimated.peak_bytes, rel=0.02)
     assert measured.trainable_params == estimated.trainable_params
@@ -66,9 +66,9 @@ def test_vit_b16_estimate_allocates_under_1_gb():
     """The estimate itself (not the torch/timm imports before it) stays under 1 GiB of real memory."""
     code = (
         "import json, resource, timm, snell\n"
-        "from bench.memory import estimate_step_memory\n"
+        "from bench.memory import step_memory\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "e = estimate_step_memory('vit_base_patch16_224', snell.method_config('full'), 64)\n"
+        "e = step_memory('vit_base_patch16_224', snell.method_config('full'), 64)\n"
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(json.dumps({'peak': e.peak_bytes, 'before_kib': before, 'after_kib': after}))\n"
     )

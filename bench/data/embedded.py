@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
 from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import rotate
 
@@ -43,6 +44,12 @@ TEXTURE_REGIONS = (2, 4)  # region grid per photo (rows, cols): 2 photos x 8 reg
 TEXTURE_CELLS = (6, 4)  # cell grid per region; each cell belongs to one split
 TEXTURE_CELL_SPLITS = ("train", "train", "val", "train", "test")  # cell (r, c) -> [(r + 2c) % 5]
 TEXTURE_PER_CLASS = {"train": 60, "val": 20, "test": 50}
+
+
+def _embedded_task(name: str, splits: tuple[Dataset, ...], num_classes: int, text: str) -> Task:
+    """An embedded task: 28x28 greyscale images normalised as the backbone's pretraining data."""
+    train, val, test = splits
+    return Task(name, "embedded", train, val, test, num_classes, 1, IMG_SIZE, text)
 
 
 def _normalise(images01: torch.Tensor) -> torch.Tensor:
@@ -113,16 +120,11 @@ def _digits() -> Task:
         return TensorImageDataset(images[index], labels[index], torch.from_numpy(index))
 
     train, val, test = (dataset(i) for i in _three_way_split(digits.target, *DIGITS_SPLIT))
-    return Task(
-        name="digits",
-        kind="embedded",
-        train=train,
-        val=val,
-        test=test,
-        num_classes=10,
-        in_chans=1,
-        img_size=IMG_SIZE,
-        description="sklearn load_digits (8x8, not MNIST) bilinearly upsampled to 28x28; 10 digit classes; "
+    return _embedded_task(
+        "digits",
+        (train, val, test),
+        10,
+        "sklearn load_digits (8x8, not MNIST) bilinearly upsampled to 28x28; 10 digit classes; "
         f"{len(train)}/{len(val)}/{len(test)} stratified train/val/test; domain shift from MNIST.",
     )
 
@@ -148,16 +150,11 @@ def _rotation() -> Task:
     def every_angle(index: np.ndarray) -> TensorImageDataset:
         return _rotated(np.repeat(index, n_angles), np.tile(np.arange(n_angles), len(index)))
 
-    return Task(
-        name="rotation",
-        kind="embedded",
-        train=_rotated(train, train_angles),
-        val=every_angle(val),
-        test=every_angle(test),
-        num_classes=n_angles,
-        in_chans=1,
-        img_size=IMG_SIZE,
-        description=f"the {len(heldout)} held-out MNIST digits rotated by one of {n_angles} angles "
+    return _embedded_task(
+        "rotation",
+        (_rotated(train, train_angles), every_angle(val), every_angle(test)),
+        n_angles,
+        f"the {len(heldout)} held-out MNIST digits rotated by one of {n_angles} angles "
         f"(0, 45, ..., 315 degrees); predict the angle. {len(train)}/{len(val)}/{len(test)} disjoint "
         "train/val/test digits; each train digit has one fixed random angle (balanced), val/test show every "
         "digit at all angles.",
@@ -222,16 +219,11 @@ def _texture() -> Task:
 
     train, val, test = crops("train"), crops("val"), crops("test")
     num_classes = len(photos) * TEXTURE_REGIONS[0] * TEXTURE_REGIONS[1]
-    return Task(
-        name="texture",
-        kind="embedded",
-        train=train,
-        val=val,
-        test=test,
-        num_classes=num_classes,
-        in_chans=1,
-        img_size=IMG_SIZE,
-        description=f"28x28 greyscale crops of sklearn's two sample photos; predict which of {num_classes} "
+    return _embedded_task(
+        "texture",
+        (train, val, test),
+        num_classes,
+        f"28x28 greyscale crops of sklearn's two sample photos; predict which of {num_classes} "
         f"regions a crop comes from. {len(train)}/{len(val)}/{len(test)} train/val/test crops from "
         "interleaved, pixel-disjoint cells. Pretraining tends to hurt here: a robustness task.",
     )

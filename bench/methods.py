@@ -1,0 +1,34 @@
+"""The named method configurations that the memory sweep, the GPU check and the perf benchmark compare.
+
+One table, so that "lora-8" or "snell-8 (no branch dropout)" means the same config in every table.
+Each is the method's defaults (as the paper's runs: branch dropout and drop-path 0.1, SNELL sparsity
+0.9, q, k and v as separate adapters, SPT budget 400k entries) except the options named.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import snell
+
+METHOD_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "full": ("full", {}),
+    "linear": ("linear", {}),
+    "lora-8": ("lora", {"rank": 8}),
+    "lora-32": ("lora", {"rank": 32}),
+    "lora-8 (no branch dropout)": ("lora", {"rank": 8, "dropout": 0.0}),
+    "spt-lora (index)": ("spt-lora", {"mode": "index"}),
+    "spt-lora (grad mask)": ("spt-lora", {"mode": "grad_mask"}),
+    "snell-8": ("snell", {"rank": 8}),
+    "snell-32": ("snell", {"rank": 32}),
+    "snell-8 (no branch dropout)": ("snell", {"rank": 8, "dropout": 0.0, "drop_path": 0.0}),
+    "snell-8 (no recompute)": ("snell", {"rank": 8, "recompute": False}),
+}
+
+
+def preset_config(label: str) -> snell.TuningConfig:
+    """The validated config of a named preset; ValueError naming the allowed labels otherwise."""
+    if label not in METHOD_PRESETS:
+        raise ValueError(f"unknown method preset {label!r}; allowed: {', '.join(METHOD_PRESETS)}")
+    method, options = METHOD_PRESETS[label]
+    return snell.method_config(method, **options)

@@ -1,0 +1,55 @@
+"""One step function: training, memory estimates and measurements, the GPU check and the perf benchmark
+all run ``bench.step.train_step`` (a spy counts its calls from each), so the step whose memory is
+estimated is the step that is trained and timed."""
+
+import pytest
+import torch
+
+import bench.gpu_check
+import bench.memory
+import bench.perf_step
+import bench.step
+import bench.train
+from bench.config import EMBEDDED_BACKBONE, RunConfig, TrainConfig
+from bench.methods import preset_config
+from tests.harness import FAST_TRAIN
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The (model class, precision) of every train_step call made while the test runs."""
+    seen = []
+    real = bench.step.train_step
+
+    def spy(model, optimizer, images, labels, **kwargs):
+        seen.append((type(model).__name__, kwargs.get("precision", "fp32")))
+        return real(model, optimizer, images, labels, **kwargs)
+
+    monkeypatch.setattr(bench.step, "train_step", spy)
+    return seen
+
+
+def test_training_runs_the_step(calls):
+    run = RunConfig("digits", "lora", 0, {"rank": 4}, TrainConfig(**FAST_TRAIN))
+    bench.train.train_run(run, progress=False)
+    assert len(calls) == FAST_TRAIN["limit_train_batches"]
+
+
+def test_memory_estimate_and_measurement_run_the_step(calls):
+    config = preset_config("snell-8")
+    bench.memory.step_memory(EMBEDDED_BACKBONE, config, 4)
+    bench.memory.step_memory(EMBEDDED_BACKBONE, config, 4, measure_on="cpu")
+    assert calls == [("VisionTransformer", "fp32")] * 2
+
+
+def test_gpu_check_runs_the_step(calls):
+    row = bench.gpu_check.measure(
+        "lora-8", 2, "bf16", 1, 2, False, model_name=EMBEDDED_BACKBONE, device="cpu"
+    )
+    assert calls == [("VisionTransformer", "bf16")] * 3 and row["step_time_ms"] > 0
+
+
+def test_perf_benchmark_runs_the_step(calls):
+    images, labels = torch.randn(2, 3, 64, 64), torch.randint(10, (2,))
+    bench.perf_step.build(bench.perf_step.VARIANTS[0], images, labels).step()
+    assert calls == [("VisionTransformer", "fp32")]
