@@ -15,8 +15,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.config import EMBEDDED_WEIGHTS
-from bench.records import check_results_folder
+from bench.run.config import EMBEDDED_WEIGHTS
+from bench.run.records import check_results_folder
 
 PRECISIONS = ("fp32", "bf16")
 MEMORY_MODELS = {
@@ -202,26 +202,30 @@ class Command:
 
 COMMANDS = {
     "sweep": Command(
-        "bench.runner",
+        "bench.run.runner",
         "run a sweep file (YAML): train, measure and record every run, then report",
         _sweep,
         _check_sweep,
     ),
-    "report": Command("bench.report", "rebuild tables and figures from existing records", _report),
+    "report": Command("bench.report.build", "rebuild tables and figures from existing records", _report),
     "pretrain": Command(
         "bench.pretrain", "pretrain the embedded ViT backbone on MNIST (the committed asset)", _pretrain
     ),
     "memory": Command(
-        "bench.memory", "estimate the peak memory of one training step without allocating it", _memory
+        "bench.memory.estimate",
+        "estimate the peak memory of one training step without allocating it",
+        _memory,
     ),
     "memory-sweep": Command(
-        "bench.memory_sweep", "memory estimates over models x batches x methods, with figures", _memory_sweep
+        "bench.memory.sweep", "memory estimates over models x batches x methods, with figures", _memory_sweep
     ),
     "perf-step": Command(
-        "bench.perf_step", "step time and memory ratios: snell vs lora vs the reference SNELL", _perf_step
+        "bench.perf.step_bench",
+        "step time and memory ratios: snell vs lora vs the reference SNELL",
+        _perf_step,
     ),
     "gpu-check": Command(
-        "bench.gpu_check",
+        "bench.perf.gpu_check",
         "real CUDA peak memory and step time of full / LoRA / SNELL on ViT-B/16",
         _gpu_check,
     ),

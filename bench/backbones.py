@@ -15,8 +15,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, load_state_
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from bench.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
 from bench.data.embedded import IMG_SIZE, MNIST_MEAN, MNIST_STD
+from bench.run.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
 
 # State-dict entries that are not part of a classification backbone: classifier heads (always
 # re-initialised for the downstream task), MoCo v3's momentum encoder and predictor, MAE's decoder.

@@ -22,10 +22,10 @@ from torchvision.transforms import RandomCrop
 from tqdm import tqdm
 
 from bench.arguments import parse
-from bench.config import EMBEDDED_BACKBONE
 from bench.data.base import TensorImageDataset
 from bench.data.embedded import MNIST_MEAN, MNIST_STD, SPLIT_SEED, load_mnist_split
-from bench.train import make_optimizer
+from bench.run.config import EMBEDDED_BACKBONE
+from bench.run.train import make_optimizer
 
 RECIPE = {
     "optimizer": "adamw (timm: no weight decay on biases, norms, pos_embed, cls_token)",

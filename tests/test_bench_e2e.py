@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from bench.records import REQUIRED_KEYS
-from bench.report import build_report, records_frame
+from bench.report.build import build_report, records_frame
+from bench.run.records import REQUIRED_KEYS
 from tests.harness import record_files, run_bench
 
 FIGURES = ["memory_vs_accuracy.png", "kernels.png", "sparsity_per_kernel.png", "rank.png", "step_time.png"]

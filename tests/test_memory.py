@@ -11,10 +11,10 @@ import pytest
 import timm
 
 import snell
-from bench.memory import MemoryEstimate, step_memory, uniform_spt_plan
-from bench.memory import main as memory_command
-from bench.memory_sweep import METHODS, MODELS, PAPER_MB, claims_table, write_markdown
-from bench.plots_memory import plot_breakdown, plot_memory_vs_model_size
+from bench.memory.estimate import MemoryEstimate, step_memory, uniform_spt_plan
+from bench.memory.estimate import main as memory_command
+from bench.memory.plots import plot_breakdown, plot_memory_vs_model_size
+from bench.memory.sweep import METHODS, MODELS, PAPER_MB, claims_table, write_markdown
 
 SMALL = "vit_mnist_patch7_28"  # 6 blocks, width 128: a real step takes well under a second
 CONFIGS = {
@@ -66,7 +66,7 @@ def test_vit_b16_estimate_allocates_under_1_gb():
     """The estimate itself (not the torch/timm imports before it) stays under 1 GiB of real memory."""
     code = (
         "import json, resource, timm, snell\n"
-        "from bench.memory import step_memory\n"
+        "from bench.memory.estimate import step_memory\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "e = step_memory('vit_base_patch16_224', snell.method_config('full'), 64)\n"
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

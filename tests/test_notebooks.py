@@ -14,9 +14,9 @@ import nbformat
 import pytest
 
 import snell
-from bench.config import RunConfig, TrainConfig
 from bench.notebooks import NOTEBOOK_DIR, NOTEBOOKS, execute_notebook
-from bench.records import SCHEMA_VERSION, record_path, write_record
+from bench.run.config import RunConfig, TrainConfig
+from bench.run.records import SCHEMA_VERSION, record_path, write_record
 
 pytestmark = pytest.mark.slow
 

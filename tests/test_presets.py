@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import bench.sweep
-from bench.sweep import parse_sweep
+import bench.run.sweep
+from bench.run.sweep import parse_sweep
 
 VTAB_SCRIPTS = {
     "cifar": (16, 1e-3, 0.01, 0.9, 200),
@@ -45,7 +45,7 @@ FGVC_SCRIPTS = {  # our task name: (lr, {rank: (weight decay, sparsity)})
 
 def snell_runs(preset: str, monkeypatch) -> dict[tuple[str, int], object]:
     """The preset's SNELL runs by (task, rank), parsed without the data folders and checkpoint."""
-    monkeypatch.setattr(bench.sweep, "_check_task", lambda *args: None)
+    monkeypatch.setattr(bench.run.sweep, "_check_task", lambda *args: None)
     data = yaml.safe_load(Path(f"bench/presets/{preset}.yaml").read_text())
     data["train"].pop("checkpoint")
     runs = [r for r in parse_sweep(data, preset).runs if r.method == "snell"]

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from bench.records import (
+from bench.run.records import (
     RecordError,
     load_records,
     read_record,

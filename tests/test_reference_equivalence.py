@@ -2,7 +2,7 @@
 
 Same factors in, same outputs and gradients out (1e-5 relative), whatever the layer's block split; and a
 training step of SNELL costs no more memory than LoRA's (+3%) or the reference's. Time ratios are not
-tested: they live in ``make perf`` (bench/perf, bench/perf_step.py).
+tested: they live in ``make perf`` (bench/perf/).
 """
 
 import math
@@ -15,8 +15,8 @@ from torch import nn
 
 import snell
 import snell.layer
-from bench.measure import tracked_step_memory
-from bench.reference_snell import ReferenceSnellLinear, to_reference
+from bench.perf.reference_snell import ReferenceSnellLinear, to_reference
+from bench.run.measure import tracked_step_memory
 from snell.kernels import build_kernel
 from snell.sparsify import order_statistics_
 

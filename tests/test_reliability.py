@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import bench.train
+import bench.run.train
 import snell
-from bench.config import RunConfig, TrainConfig
-from bench.records import load_records
-from bench.report import build_report
-from bench.runner import run_sweep
-from bench.sweep import parse_sweep
+from bench.report.build import build_report
+from bench.run.config import RunConfig, TrainConfig
+from bench.run.records import load_records
+from bench.run.runner import run_sweep
+from bench.run.sweep import parse_sweep
 from snell import registry
 from tests.harness import FAST_TRAIN, REPO, bench_cmd, comparable, record_files, run_bench, write_sweep
 
@@ -90,7 +90,7 @@ def test_error_in_a_method_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypat
 
 
 def test_out_of_memory_is_recorded_as_oom(tmp_path, monkeypatch):
-    build = bench.train.build_model
+    build = bench.run.train.build_model
 
     def build_with_oom_hook(run):
         model = build(run)
@@ -101,7 +101,7 @@ def test_out_of_memory_is_recorded_as_oom(tmp_path, monkeypatch):
         model.net.register_forward_pre_hook(raise_oom)
         return model
 
-    monkeypatch.setattr(bench.train, "build_model", build_with_oom_hook)
+    monkeypatch.setattr(bench.run.train, "build_model", build_with_oom_hook)
     _, statuses = run_quick(tmp_path, [{"method": "lora"}])
     assert list(statuses.values()) == ["oom"]
     build_report(tmp_path)
@@ -110,11 +110,11 @@ def test_out_of_memory_is_recorded_as_oom(tmp_path, monkeypatch):
 
 def test_same_seed_gives_bit_identical_losses_and_accuracy():
     run = RunConfig("digits", "snell", 0, {"rank": 4}, TrainConfig(**{**FAST_TRAIN, "epochs": 2}))
-    first = bench.train.train_run(run, progress=False)["metrics"]
-    second = bench.train.train_run(run, progress=False)["metrics"]
+    first = bench.run.train.train_run(run, progress=False)["metrics"]
+    second = bench.run.train.train_run(run, progress=False)["metrics"]
     assert first["loss_curve"] == second["loss_curve"]
     assert first["test_acc"] == second["test_acc"] and first["val_acc"] == second["val_acc"]
-    other_seed = bench.train.train_run(
+    other_seed = bench.run.train.train_run(
         RunConfig("digits", "snell", 1, {"rank": 4}, run.train), progress=False
     )
     assert other_seed["metrics"]["loss_curve"] != first["loss_curve"]

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from bench import runner, slurm
-from bench.sweep import SweepError, load_sweep, parse_sweep
+from bench.run import runner, slurm
+from bench.run.sweep import SweepError, load_sweep, parse_sweep
 from tests.harness import comparable, record_files, write_sweep
 
 GRID = [{"method": ["linear", "lora"]}]

@@ -5,13 +5,13 @@ estimated is the step that is trained and timed."""
 import pytest
 import torch
 
-import bench.gpu_check
-import bench.memory
-import bench.perf_step
+import bench.memory.estimate
+import bench.perf.gpu_check
+import bench.perf.step_bench
+import bench.run.train
 import bench.step
-import bench.train
-from bench.config import EMBEDDED_BACKBONE, RunConfig, TrainConfig
 from bench.methods import preset_config
+from bench.run.config import EMBEDDED_BACKBONE, RunConfig, TrainConfig
 from tests.harness import FAST_TRAIN
 
 
@@ -31,19 +31,19 @@ def calls(monkeypatch):
 
 def test_training_runs_the_step(calls):
     run = RunConfig("digits", "lora", 0, {"rank": 4}, TrainConfig(**FAST_TRAIN))
-    bench.train.train_run(run, progress=False)
+    bench.run.train.train_run(run, progress=False)
     assert len(calls) == FAST_TRAIN["limit_train_batches"]
 
 
 def test_memory_estimate_and_measurement_run_the_step(calls):
     config = preset_config("snell-8")
-    bench.memory.step_memory(EMBEDDED_BACKBONE, config, 4)
-    bench.memory.step_memory(EMBEDDED_BACKBONE, config, 4, measure_on="cpu")
+    bench.memory.estimate.step_memory(EMBEDDED_BACKBONE, config, 4)
+    bench.memory.estimate.step_memory(EMBEDDED_BACKBONE, config, 4, measure_on="cpu")
     assert calls == [("VisionTransformer", "fp32")] * 2
 
 
 def test_gpu_check_runs_the_step(calls):
-    row = bench.gpu_check.measure(
+    row = bench.perf.gpu_check.measure(
         "lora-8", 2, "bf16", 1, 2, False, model_name=EMBEDDED_BACKBONE, device="cpu"
     )
     assert calls == [("VisionTransformer", "bf16")] * 3 and row["step_time_ms"] > 0
@@ -51,5 +51,5 @@ def test_gpu_check_runs_the_step(calls):
 
 def test_perf_benchmark_runs_the_step(calls):
     images, labels = torch.randn(2, 3, 64, 64), torch.randint(10, (2,))
-    bench.perf_step.build(bench.perf_step.VARIANTS[0], images, labels).step()
+    bench.perf.step_bench.build(bench.perf.step_bench.VARIANTS[0], images, labels).step()
     assert calls == [("VisionTransformer", "fp32")]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from bench.config import RunConfig
-from bench.sweep import SweepError, load_sweep, parse_sweep
+from bench.run.config import RunConfig
+from bench.run.sweep import SweepError, load_sweep, parse_sweep
 from tests.harness import FAST_TRAIN
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from baselines.lora import LoraLinear
-from bench.reference_snell import ReferenceSnellLinear
+from bench.perf.reference_snell import ReferenceSnellLinear
 from snell.kernels import build_kernel
 from snell.layer import SnellLinear
 

@@ -3,7 +3,7 @@
 One prepared script for a lent GPU (minutes): every method trains the same ViT-B/16 step (random
 weights, random 224 px batch, AdamW) for a few warm-up then timed steps; it records
 ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` and the median step time, and beside them
-the CPU simulator's estimate of the same fp32 step (``bench.memory``), so the estimate can be checked.
+the CPU simulator's estimate of the same fp32 step (``bench.memory.estimate``), to check the estimate.
 
     python -m bench gpu-check --results results/gpu
 """
@@ -23,9 +23,9 @@ import snell
 from bench import step
 from bench.arguments import parse
 from bench.backbones import create_backbone
-from bench.memory import step_memory
+from bench.memory.estimate import step_memory
 from bench.methods import preset_config
-from bench.provenance import device_name, provenance, versions
+from bench.run.provenance import device_name, provenance, versions
 
 MODEL = "vit_base_patch16_224"
 METHODS = (

@@ -12,10 +12,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from bench.arguments import parse
-from bench.config import RunConfig
-from bench.execute import claim_and_execute, pending, print_failures
-from bench.records import ResultsFolderError, check_results_folder
-from bench.sweep import SweepError, load_sweep
+from bench.run.config import RunConfig
+from bench.run.execute import claim_and_execute, pending, print_failures
+from bench.run.records import ResultsFolderError, check_results_folder
+from bench.run.sweep import SweepError, load_sweep
 
 
 def run_sweep(
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from bench import slurm
+    from bench.run import slurm
 
     try:
         sweep = load_sweep(args.sweep)
@@ -84,6 +84,6 @@ def run(args: argparse.Namespace) -> None:
     elif not slurm.run(sweep, args):
         return  # submitted without waiting: nothing to report yet
     if not args.no_report:
-        from bench.report import build_report
+        from bench.report.build import build_report
 
         build_report(args.results)

@@ -14,7 +14,7 @@ import pandas as pd
 from scipy import stats
 
 from bench.arguments import parse
-from bench.records import load_records
+from bench.run.records import load_records
 
 TASK_COLUMN_ORDER = ("digits", "rotation", "texture")
 FAILED_LABEL = {"oom": "OOM", "diverged": "diverged", "error": "error"}
@@ -211,7 +211,7 @@ def write_markdown(tables: dict[str, pd.DataFrame], path: Path, header: str) -> 
 
 def build_report(results: str | Path) -> pd.DataFrame:
     """Write summary.csv, runs.csv, tables/*.md and figures/*.png under ``results``; returns the summary."""
-    from bench.plots import draw_all
+    from bench.report.plots import draw_all
 
     results = Path(results)
     df = records_frame(load_records(results))

@@ -1,6 +1,6 @@
 """Peak training memory of every method at paper scale (ViT-B/16, ViT-L/16, ViT-H/14), on a CPU.
 
-Estimates every (model, batch size, method) with fake tensors (``bench.memory``), in parallel worker
+Estimates every (model, batch size, method) with fake tensors (``bench.memory.estimate``), in parallel worker
 processes, and writes ``memory.csv``, the two figures and ``memory_vs_paper.md`` beside the paper's
 figures. With ``--measure`` and a GPU, each point is also run for real and its
 ``torch.cuda.max_memory_allocated`` recorded, to check the estimates.
@@ -22,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 from bench.arguments import GPU_CHECK_CSV, MEMORY_MODELS, parse
-from bench.memory import ESTIMATE_DEVICE, step_memory
+from bench.memory.estimate import ESTIMATE_DEVICE, step_memory
+from bench.memory.plots import plot_breakdown, plot_memory_vs_model_size
 from bench.methods import preset_config
-from bench.plots_memory import plot_breakdown, plot_memory_vs_model_size
 
 MODELS = MEMORY_MODELS
 METHODS = (

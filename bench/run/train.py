@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 import snell
 from bench import step
 from bench.backbones import create_backbone
-from bench.config import RunConfig, TrainConfig
 from bench.data import Task, build_task
-from bench.measure import median_step_time, tracked_step_memory
+from bench.run.config import RunConfig, TrainConfig
+from bench.run.measure import median_step_time, tracked_step_memory
 
 
 class DivergedError(RuntimeError):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "safetensors", "snell-bench")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _git(*args: str) -> str | None:

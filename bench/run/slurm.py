@@ -1,8 +1,8 @@
 """``bench sweep --executor submitit``: one SLURM array task per unfinished run, same runner code.
 
-Each job calls ``bench.execute.claim_and_execute`` and writes its record into the shared results folder, so
-resume, ``--retry-failed``, failure statuses and the report work as with the local runner, and a run
-with a finished record is never submitted. submitit's files (pickled calls, each job's stdout and
+Each job calls ``bench.run.execute.claim_and_execute`` and writes its record into the shared results
+folder, so resume, ``--retry-failed``, failure statuses and the report work as with the local runner,
+and a run with a finished record is never submitted. submitit's files (pickled calls, each job's stdout and
 stderr) go to ``<results>/slurm_logs``. ``--cluster local`` runs the jobs as local processes instead.
 
 Claims: a claim is recognised as stale only on its own host (dead pid), so a job killed on a compute
@@ -24,10 +24,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from bench.arguments import SLURM_KEYS
-from bench.config import RunConfig
-from bench.execute import claim_and_execute, pending, print_failures
-from bench.records import read_record, record_path, release_claim, try_claim
-from bench.sweep import Sweep
+from bench.run.config import RunConfig
+from bench.run.execute import claim_and_execute, pending, print_failures
+from bench.run.records import read_record, record_path, release_claim, try_claim
+from bench.run.sweep import Sweep
 
 DEFAULTS = {"gpus_per_node": 1, "cpus_per_task": 4, "timeout_min": 240}
 """Job settings unless the sweep file's ``slurm:`` or the CLI say otherwise (submitit's time is 5 min)."""

@@ -35,7 +35,7 @@ from baselines.spt import SptConfig, budget_entries
 from bench import step
 from bench.arguments import parse
 from bench.backbones import create_backbone
-from bench.measure import MIB, StepMemoryTracker, peak_breakdown
+from bench.run.measure import MIB, StepMemoryTracker, peak_breakdown
 from snell.layer import blocks_as
 from snell.wrap import find_linear_targets
 

@@ -27,8 +27,8 @@ import yaml
 
 import snell
 from bench.arguments import SLURM_KEYS
-from bench.config import TRAIN_FIELDS, RunConfig, TrainConfig
 from bench.data import build_task
+from bench.run.config import TRAIN_FIELDS, RunConfig, TrainConfig
 
 TOP_KEYS = ("name", "description", "train", "tasks", "seeds", "options", "grid", "slurm")
 _KIND_NAMES = {str: "a string", int: "an integer >= 0", float: "a number >= 0", list: "a list of shell lines"}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 EMBEDDED_BACKBONE = "vit_mnist_patch7_28"
-EMBEDDED_WEIGHTS = Path(__file__).parent / "assets" / f"{EMBEDDED_BACKBONE}.safetensors"
+EMBEDDED_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / f"{EMBEDDED_BACKBONE}.safetensors"
 """The committed pretrained weights of the embedded backbone (``python -m bench pretrain`` writes them)."""
 
 

@@ -1,6 +1,6 @@
 """One run, start to end: claim it, train, record whatever happens (ok or a failure status).
 
-Shared by the local executor (``bench.runner``) and the SLURM one (``bench.slurm``): both skip what is
+Shared by the local executor (``bench.run.runner``) and the SLURM one (``bench.run.slurm``): both skip what is
 recorded, and both read every existing record of a sweep first.
 """
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from bench.config import RunConfig
-from bench.provenance import load_average, provenance
-from bench.records import (
+from bench.run.config import RunConfig
+from bench.run.provenance import load_average, provenance
+from bench.run.records import (
     SCHEMA_VERSION,
     RecordError,
     read_record,
@@ -22,8 +22,8 @@ from bench.records import (
     try_claim,
     write_record,
 )
-from bench.sweep import SweepError
-from bench.train import DivergedError, resolve_device, train_run
+from bench.run.sweep import SweepError
+from bench.run.train import DivergedError, resolve_device, train_run
 
 
 def failure_status(err: BaseException) -> str:

@@ -56,7 +56,7 @@ def tracked_step_memory(
     """Run ``step()`` under torch's MemTracker; return the peak (MiB) and its breakdown by kind.
 
     Counts tensor bytes only (no allocator cache, no CUDA context); the same numbers a fake-tensor
-    estimate gives (``bench.memory``), so real and simulated peaks are comparable.
+    estimate gives (``bench.memory.estimate``), so real and simulated peaks are comparable.
     """
     tracker = StepMemoryTracker()
     tracker.track_external(model, optimizer)

@@ -4,7 +4,8 @@ One process, one CPU-sized timm ViT (embed 384, depth 6, 6 heads, patch 8, 64x64
 image), qkv/proj/fc1/fc2 adapted in every block, rank 8, s = 0.9, AdamW. Every variant is warmed up,
 then the variants take turns step by step, so that the machine's drift hits all of them alike; times
 are medians. Peak memory is the tensor-level peak of one real step under torch's MemTracker
-(``bench.measure``), deterministic; ViT-B/16 rows come from the fake-tensor simulator (``bench.memory``).
+(``bench.run.measure``), deterministic; ViT-B/16 rows come from the fake-tensor simulator
+(``bench.memory.estimate``).
 
 LoRA and SNELL run with dropout 0 and drop-path 0 (like for like; SNELL then uses its merged layer);
 SNELL's defaults (dropout and drop-path 0.1, which need the parallel branch form) are an extra row.
@@ -27,11 +28,11 @@ from torch import nn
 import snell
 from bench import step
 from bench.arguments import parse
-from bench.measure import tracked_step_memory
-from bench.memory import step_memory
+from bench.memory.estimate import step_memory
 from bench.methods import preset_config
-from bench.provenance import device_name
-from bench.reference_snell import to_reference
+from bench.perf.reference_snell import to_reference
+from bench.run.measure import tracked_step_memory
+from bench.run.provenance import device_name
 
 GOALS = {
     "time snell / lora": 1.15,
@@ -193,7 +194,7 @@ def markdown(step: pd.DataFrame, vit_b: pd.DataFrame | None, args: argparse.Name
         "",
     ]
     if vit_b is not None:
-        lines += ["ViT-B/16 at 224x224, simulated peak (fake tensors, `bench.memory`), MiB:", ""]
+        lines += ["ViT-B/16 at 224x224, simulated peak (fake tensors, `bench.memory.estimate`), MiB:", ""]
         lines += [vit_b.to_markdown(floatfmt=".3f"), ""]
     lines += ["Goals:", "", *goal_lines(step, vit_b), ""]
     return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Peak memory of a training step: estimates on fake tensors, the paper-scale sweep, its figures."""

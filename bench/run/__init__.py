@@ -1,0 +1,1 @@
+"""The accuracy pipeline: sweep file -> runs -> train and measure -> one JSON record per run."""
