@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.run.config import EMBEDDED_WEIGHTS
@@ -154,7 +155,7 @@ def _perf_step(p: argparse.ArgumentParser) -> None:
         "--vit-b-batch-sizes",
         type=int,
         nargs="*",
-        default=[8, 64],
+        default=list(MEMORY_BATCH_SIZES),
         help="ViT-B/16 simulator batches (none: skip)",
     )
 
@@ -186,18 +187,15 @@ def _check_sweep(args: argparse.Namespace) -> None:
         check_results_folder(args.results)
 
 
+@dataclass(frozen=True)
 class Command:
     """One ``python -m bench`` command: the module that runs it, a one-line help, its arguments and
     the checks that need no heavy import (run before the module is imported)."""
 
-    def __init__(
-        self,
-        module: str,
-        help_: str,
-        arguments: Callable[[argparse.ArgumentParser], None],
-        check: Callable[[argparse.Namespace], None] | None = None,
-    ) -> None:
-        self.module, self.help, self.arguments, self.check = module, help_, arguments, check
+    module: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    check: Callable[[argparse.Namespace], None] | None = None
 
 
 COMMANDS = {

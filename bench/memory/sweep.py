@@ -164,31 +164,31 @@ def _claims_summary(estimates: pd.DataFrame) -> str:
 
 def _measured_table(measured: pd.DataFrame, estimates: pd.DataFrame) -> str:
     """Real peaks (``peak_mib``, ``device``) beside the estimates of the same model, method, batch and
-    precision: this sweep's ``--measure`` rows, or ``bench gpu-check``'s."""
+    precision: this sweep's ``--measure`` rows, or ``bench gpu-check``'s. A measurement of another
+    adapter layout (other trainable parameters: an earlier commit) is listed, not compared."""
     keys = ["model", "method", "batch_size", "precision"]
     both = measured.merge(estimates, on=keys, suffixes=("", "_estimate"))
-    if "trainable_params" in measured:  # a measurement of another adapter layout is not the same step
+    parts = []
+    if "trainable_params" in measured:
         other = both[both.trainable_params != both.trainable_params_estimate]
         both = both[both.trainable_params == both.trainable_params_estimate]
         if not other.empty:
-            listed = ", ".join(sorted(set(other.method)))
-            note = (
-                f"Not compared: {listed}, measured with another adapter layout than this sweep's "
-                "(trainable parameters differ: an earlier commit); rerun `bench gpu-check` to compare them."
+            parts.append(
+                f"Not compared: {', '.join(sorted(set(other.method)))}, measured with another adapter "
+                "layout than this sweep's (trainable parameters differ: an earlier commit); rerun "
+                "`bench gpu-check` to compare them."
             )
-            return note if both.empty else f"{_compared(both, keys)}\n\n{note}"
-    if both.empty:
-        return "(none of the measured configurations is in this sweep)"
-    return _compared(both, keys)
-
-
-def _compared(both: pd.DataFrame, keys: list[str]) -> str:
-    both = both.copy()
-    both["measured / estimate"] = both.peak_mib / both.peak_mib_estimate
-    both["measured (MiB)"] = both.peak_mib.map(_mib)
-    both["estimate (MiB)"] = both.peak_mib_estimate.map(_mib)
-    columns = ["arch", *keys[1:], "device", "estimate (MiB)", "measured (MiB)", "measured / estimate"]
-    return both[columns].to_markdown(index=False, floatfmt=".3f")
+    if not both.empty:
+        both = both.assign(
+            **{
+                "measured / estimate": both.peak_mib / both.peak_mib_estimate,
+                "measured (MiB)": both.peak_mib.map(_mib),
+                "estimate (MiB)": both.peak_mib_estimate.map(_mib),
+            }
+        )
+        columns = ["arch", *keys[1:], "device", "estimate (MiB)", "measured (MiB)", "measured / estimate"]
+        parts.insert(0, both[columns].to_markdown(index=False, floatfmt=".3f"))
+    return "\n\n".join(parts) or "(none of the measured configurations is in this sweep)"
 
 
 def write_markdown(

@@ -104,16 +104,16 @@ def write(frame: pd.DataFrame, out: Path, command: str) -> None:
     device = torch.cuda.get_device_name()
     ratios = []
     for (batch, precision), group in frame.groupby(["batch_size", "precision"]):
-        mem, step = group.set_index("method").cuda_max_allocated_mib, group.set_index("method").step_time_ms
+        mem, ms = group.set_index("method").cuda_max_allocated_mib, group.set_index("method").step_time_ms
         ratios.append({
             "batch": batch,
             "precision": precision,
             "snell-8 / lora-8 memory": mem["snell-8"] / mem["lora-8"],
-            "snell-8 / lora-8 time": step["snell-8"] / step["lora-8"],
+            "snell-8 / lora-8 time": ms["snell-8"] / ms["lora-8"],
             "snell-8 / lora-8 memory, no dropout": mem["snell-8 (no branch dropout)"]
             / mem["lora-8 (no branch dropout)"],
-            "snell-8 / lora-8 time, no dropout": step["snell-8 (no branch dropout)"]
-            / step["lora-8 (no branch dropout)"],
+            "snell-8 / lora-8 time, no dropout": ms["snell-8 (no branch dropout)"]
+            / ms["lora-8 (no branch dropout)"],
             "snell-8 / full memory": mem["snell-8"] / mem["full"],
         })  # fmt: skip
     lines = [

@@ -75,15 +75,16 @@ def is_finished(run: RunConfig, results: str | Path, retry_failed: bool) -> bool
     return not retry_failed or read_record(path)["status"] == "ok"
 
 
-def check_existing_records(runs: list[RunConfig], results: str | Path) -> None:
-    """SweepError listing every corrupt or incomplete record of this sweep, before any run starts: a
-    record that cannot be read would otherwise count as done and fail only at report time."""
-    problems = []
+def recorded_statuses(runs: list[RunConfig], results: str | Path) -> dict[str, str]:
+    """run_id -> status of every existing record of these runs. SweepError listing every corrupt or
+    incomplete one, before any run starts: a record that cannot be read would otherwise count as done
+    and fail only at report time."""
+    statuses, problems = {}, []
     for run in runs:
         path = record_path(results, run.run_id)
         if path.exists():
             try:
-                read_record(path)
+                statuses[run.run_id] = read_record(path)["status"]
             except RecordError as err:
                 problems.append(str(err))
     if problems:
@@ -91,14 +92,15 @@ def check_existing_records(runs: list[RunConfig], results: str | Path) -> None:
             "delete (or move away) the file(s) above, then run the sweep again to redo those runs"
         )
         raise SweepError(str(results), problems)
+    return statuses
 
 
 def pending(runs: list[RunConfig], results: str | Path, retry_failed: bool) -> list[RunConfig]:
     """The runs still to do (no record, or a failed one with ``retry_failed``); prints the tally.
 
     Every existing record of the sweep is read first: corrupt ones are all reported at once."""
-    check_existing_records(runs, results)
-    todo = [r for r in runs if not is_finished(r, results, retry_failed)]
+    recorded = recorded_statuses(runs, results)
+    todo = [r for r in runs if r.run_id not in recorded or (retry_failed and recorded[r.run_id] != "ok")]
     print(f"{len(runs)} runs in the sweep, {len(runs) - len(todo)} already recorded, {len(todo)} to run")
     return todo
 

@@ -35,10 +35,10 @@ def run_sweep(
         raise ValueError(f"workers={workers}: give 1 (run in this process) or more (worker processes)")
     check_results_folder(results)
     todo = pending(runs, results, retry_failed)
-    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    threads = max(1, (os.cpu_count() or 1) // workers)
     statuses: dict[str, str] = {}
     bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress)
-    if workers <= 1:
+    if workers == 1:
         for run in todo:
             run_id, status = claim_and_execute(run.to_dict(), str(results), threads, progress, retry_failed)
             statuses[run_id] = status
