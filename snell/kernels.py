@@ -34,6 +34,16 @@ class Kernel(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def closed_form(self, a: Tensor, b: Tensor) -> tuple[Tensor, VJP] | None:
+        """dW and a function mapping grad (the gradient reaching dW) to the gradients of ``a``, ``b`` and
+        the kernel's parameters (in ``named_parameters`` order), without autograd; None for kernels that
+        have no closed form (their backward differentiates ``forward`` with autograd)."""
+        return None
+
+
+VJP = Callable[[Tensor], tuple[Tensor, Tensor, list[Tensor]]]
+"""A kernel's vector-Jacobian product: grad of dW -> (grad of a, grad of b, grads of its parameters)."""
+
 
 def register_kernel(name: str) -> Callable[[type[Kernel]], type[Kernel]]:
     """Class decorator: make a kernel available by ``name`` in configs and ``build_kernel``."""
@@ -156,10 +166,31 @@ class PiecewiseLinearKernel(Kernel):
             self.register_buffer("coefficients", coef, persistent=False)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        a_p = a.unflatten(-1, (self.pieces, -1)).movedim(-2, 0)  # (P, ..., in, r/P)
-        b_p = b.unflatten(-1, (self.pieces, -1)).movedim(-2, 0)  # (P, ..., out, r/P)
+        a_p, b_p = self._pieces(a), self._pieces(b)
         dist = torch.cdist(b_p, a_p)  # (P, ..., out, in)
         return torch.tensordot(self.coefficients.to(dist.dtype), dist, dims=1)
+
+    def _pieces(self, factor: Tensor) -> Tensor:
+        """(..., rows, r) -> (P, ..., rows, r/P): the slices whose distances the kernel sums."""
+        return factor.unflatten(-1, (self.pieces, -1)).movedim(-2, 0)
+
+    def closed_form(self, a: Tensor, b: Tensor) -> tuple[Tensor, VJP]:
+        """With D_p[j, i] = ||a_p[i] - b_p[j]|| and H_p = c_p grad / D_p (0 where D_p = 0, cdist's
+        subgradient): grad a_p[i] = a_p[i] sum_j H_p[j, i] - sum_j H_p[j, i] b_p[j], grad b_p likewise,
+        grad c_p = sum(grad D_p). dW is ``forward``'s to the bit (same cdist, same sum)."""
+        a_p, b_p = self._pieces(a), self._pieces(b)
+        dist = torch.cdist(b_p, a_p)
+        coef = self.coefficients.to(dist.dtype)
+        dw = torch.tensordot(coef, dist, dims=1)
+
+        def vjp(grad: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+            h = (grad * coef.view(-1, *(1,) * grad.dim())).div_(dist).masked_fill_(dist == 0, 0)
+            grad_a = a_p * h.sum(-2).unsqueeze(-1) - h.mT @ b_p
+            grad_b = b_p * h.sum(-1).unsqueeze(-1) - h @ a_p
+            params = [(dist * grad).flatten(1).sum(1)] if isinstance(self.coefficients, nn.Parameter) else []
+            return grad_a.movedim(0, -2).flatten(-2), grad_b.movedim(0, -2).flatten(-2), params
+
+        return dw, vjp
 
 
 @register_kernel("polynomial")

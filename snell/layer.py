@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .kernels import Kernel, init_factor_
-from .sparsify import apply_rule, threshold
+from .sparsify import apply_rule, rule_vjp, threshold
 from .wrap import AdaptedLinear, branch_drop_path, branch_dropout
 
 BLOCK_ENTRIES = {"cpu": 2**19, "cuda": 2**22}
@@ -107,10 +107,10 @@ class KernelSparseLinearFn(torch.autograd.Function):
         x, weight, a, b, t, *kernel_params = ctx.saved_tensors
         layer: SnellLinear = ctx.layer
         needs = ctx.needs_input_grad
-        wants_grad = needs[3:5] + needs[6:]  # a, b, then the kernel's parameters
-        factors = (a, b, *kernel_params)
-        grads = [torch.zeros_like(p) if n else None for p, n in zip(factors, wants_grad, strict=True)]
-        param_leaves = [p.detach().requires_grad_(n) for p, n in zip(kernel_params, needs[6:], strict=True)]
+        wants = needs[3:5] + needs[6:]  # a, b, then the kernel's parameters
+        grads = [
+            torch.zeros_like(p) if n else None for p, n in zip((a, b, *kernel_params), wants, strict=True)
+        ]
         g = grad_out.reshape(-1, grad_out.shape[-1])
         # Under autocast g may be half precision while x is not: multiply in g's dtype, as autocast would.
         x2 = x.reshape(-1, x.shape[-1]).to(g.dtype)
@@ -118,26 +118,22 @@ class KernelSparseLinearFn(torch.autograd.Function):
         grad_w = torch.empty_like(weight) if ctx.has_weight and needs[1] else None
         for rows, cols, groups in weight_blocks(b.shape[0], layer.in_features, layer.groups, b.device):
             blocks = layer.a_block(a, rows, cols), layer.b_block(b, rows)
-            leaves = [block.detach().requires_grad_(n) for block, n in zip(blocks, needs[3:5], strict=True)]
-            leaves += param_leaves
-            with torch.enable_grad():
-                dw = layer.kernel_update(leaves[0], leaves[1], param_leaves)
-                update = apply_rule(dw, None if t is None else t[groups], layer.rule)
-            grad_update = (g[:, rows].T @ x2[:, cols]).to(update.dtype)
+            grad_update = (g[:, rows].T @ x2[:, cols]).to(a.dtype)
             if grad_w is not None:
                 grad_w[rows, cols] = grad_update
-            wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
-            if wanted:
-                block_grads = torch.autograd.grad(update, [leaves[i] for i in wanted], grad_update)
-                for i, grad in zip(wanted, block_grads, strict=True):
-                    if i == 0:  # a, b: the rows of their block
-                        layer.a_block(grads[0], rows, cols).add_(grad)
-                    elif i == 1:
-                        layer.b_block(grads[1], rows).add_(grad)
-                    else:
-                        grads[i].add_(grad)
-            if grad_x is not None:  # the autograd graph is gone: update's storage can hold the merged block
-                merged = update.detach() if weight is None else update.detach().add_(weight[rows, cols])
+            t_block = None if t is None else t[groups]
+            update, block_grads = layer.update_vjp(*blocks, kernel_params, t_block, grad_update, wants)
+            for i, grad in enumerate(block_grads):
+                if grad is None:
+                    continue
+                if i == 0:  # a, b: the rows of their block
+                    layer.a_block(grads[0], rows, cols).add_(grad)
+                elif i == 1:
+                    layer.b_block(grads[1], rows).add_(grad)
+                else:
+                    grads[i].add_(grad)
+            if grad_x is not None:
+                merged = update if weight is None else update.add_(weight[rows, cols])
                 first = rows.start in (None, 0)  # column blocks write their slice once, row blocks accumulate
                 grad_x[:, cols].addmm_(g[:, rows], merged.to(g.dtype), beta=0 if first else 1)
         grad_x = grad_x.reshape(x.shape).to(x.dtype) if needs[0] else None
@@ -212,6 +208,31 @@ class SnellLinear(AdaptedLinear):
         else:
             dw = self.kernel(a, b)
         return dw.reshape(-1, a.shape[-2])
+
+    def update_vjp(
+        self, a: Tensor, b: Tensor, kernel_params, t: Tensor | None, grad: Tensor, wants: tuple[bool, ...]
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """S(dW) of one block (a fresh tensor) and the gradients of a, b and the kernel's parameters that
+        ``wants`` asks for, given ``grad`` reaching S: in closed form where the kernel has one (no
+        autograd graph, a few block-sized temporaries), else by autograd through ``kernel_update``."""
+        if not any(wants):
+            with torch.no_grad():
+                return apply_rule(self.kernel_update(a, b, kernel_params), t, self.rule).clone(), []
+        with torch.no_grad():
+            closed = self.kernel.closed_form(a, b)
+        if closed is not None:
+            with torch.no_grad():
+                dw, vjp = closed
+                found = vjp(rule_vjp(dw, t, self.rule, grad).view(dw.shape))
+                update = apply_rule(dw.reshape(-1, a.shape[-2]), t, self.rule, inplace=True)
+            grads = [*found[:2], *found[2]]
+            return update, [grad if want else None for grad, want in zip(grads, wants, strict=True)]
+        leaves = [f.detach().requires_grad_(w) for f, w in zip((a, b, *kernel_params), wants, strict=True)]
+        with torch.enable_grad():
+            update = apply_rule(self.kernel_update(leaves[0], leaves[1], leaves[2:]), t, self.rule)
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        found = iter(torch.autograd.grad(update, wanted, grad))
+        return update.detach(), [next(found) if leaf.requires_grad else None for leaf in leaves]
 
     @torch.no_grad()
     def blockwise_update(self, a: Tensor, b: Tensor, kernel_params) -> Tensor:
