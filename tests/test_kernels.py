@@ -71,3 +71,24 @@ def test_bad_kernel_options():
         build_kernel("piecewise_linear", 8, pieces=3)
     with pytest.raises(ValueError, match="unknown kernel 'gauss'; allowed: .*rbf"):
         kernel_options("gauss")
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 4])
+@pytest.mark.parametrize("leading", [(), (3,)])
+def test_piecewise_closed_form_vjp_equals_autograd(pieces, leading):
+    """The closed-form backward of the piecewise-linear kernel against autograd through cdist (float64),
+    including the coefficients' gradient and an entry at distance 0 (cdist's subgradient there is 0)."""
+    generator = torch.Generator().manual_seed(pieces)
+    kernel = build_kernel("piecewise_linear", 8, pieces=pieces, learnable=True).double()
+    a = torch.randn(*leading, 7, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    b = torch.randn(*leading, 5, 8, dtype=torch.float64, generator=generator)
+    b[..., 0, :] = a.detach()[..., 0, :]  # D = 0 for (row 0, column 0) in every piece
+    b.requires_grad_(True)
+    grad = torch.randn(*leading, 5, 7, dtype=torch.float64, generator=generator)
+    dw, vjp = kernel.closed_form(a.detach(), b.detach())
+    expected_dw = kernel(a, b)
+    expected = torch.autograd.grad(expected_dw, [a, b, kernel.coefficients], grad)
+    assert torch.equal(dw, expected_dw.detach())
+    grad_a, grad_b, (grad_c,) = vjp(grad)
+    for got, want in zip((grad_a, grad_b, grad_c), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
