@@ -27,7 +27,7 @@ MEMORY_MODELS = {
 }
 """The memory sweep's models: display name -> timm name."""
 MEMORY_BATCH_SIZES = (8, 64)
-GPU_CHECK_CSV = "results/gpu/gpu_check.csv"
+GPU_CHECK_RECORD = "results/gpu/gpu-check.json"
 NOTEBOOKS = ("01_kernels.ipynb", "02_sparsity_and_rank.ipynb", "03_memory.ipynb")
 NOTEBOOK_SMALL_ENV = "SNELL_NOTEBOOK_SMALL"
 NOTEBOOK_RESULTS_ENV = "SNELL_RESULTS"
@@ -131,12 +131,11 @@ def _memory_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 = bf16 autocast")
     p.add_argument("--workers", type=workers, default=min(2, os.cpu_count() or 1), help="processes")
     p.add_argument("--measure", action="store_true", help="also measure every point on the GPU (needs CUDA)")
-    p.add_argument("--replot", action="store_true", help="only redraw the figures and markdown from the CSV")
     p.add_argument(
         "--gpu-check",
         type=Path,
-        default=Path(GPU_CHECK_CSV),
-        help="CUDA peaks from `bench gpu-check` to put beside the estimates, if the file exists",
+        default=Path(GPU_CHECK_RECORD),
+        help="a `bench gpu-check` record whose CUDA peaks the report puts beside the estimates, if it exists",
     )
 
 
@@ -144,9 +143,10 @@ def _perf_step(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--results", type=Path, default=Path("results/perf"), help="output folder (CSV + markdown)"
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 16], help="one per setting")
+    p.add_argument("--image-sizes", type=int, nargs="+", default=[64, 128], help="pixels, one per setting")
     p.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads (1: steadiest on a shared machine)"
+        "--threads", type=int, nargs="+", default=[1, 2], help="torch intra-op threads, per setting"
     )
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     p.add_argument("--rounds", type=int, default=9, help="timed steps per variant, at most")
@@ -161,14 +161,16 @@ def _perf_step(p: argparse.ArgumentParser) -> None:
 
 
 def _gpu_check(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", type=Path, default=Path("results/gpu"), help="output folder (CSV + markdown)")
+    p.add_argument(
+        "--results", type=Path, default=Path("results/gpu"), help="output folder (record + markdown)"
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=list(MEMORY_BATCH_SIZES))
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument(
-        "--estimate", action="store_true", help="also run the CPU simulator on each fp32 step (minutes)"
-    )
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant (median)")
+    p.add_argument("--commit", help="the git commit measured (a device machine's copy has no git metadata)")
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm model (random weights)")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a try of the script on a small model")
 
 
 def _notebooks(p: argparse.ArgumentParser) -> None:
@@ -180,6 +182,15 @@ def _notebooks(p: argparse.ArgumentParser) -> None:
         "--results", type=Path, help=f"benchmark results for notebook 2 (sets {NOTEBOOK_RESULTS_ENV})"
     )
     p.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
+
+
+def _check_perf_step(args: argparse.Namespace) -> None:
+    lengths = {len(args.batch_sizes), len(args.image_sizes), len(args.threads)}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"--batch-sizes {args.batch_sizes}, --image-sizes {args.image_sizes} and --threads "
+            f"{args.threads} must have the same length (one value each per setting)"
+        )
 
 
 def _check_sweep(args: argparse.Namespace) -> None:
@@ -221,6 +232,7 @@ COMMANDS = {
         "bench.perf.step_bench",
         "step time and memory ratios: snell vs lora vs the reference SNELL",
         _perf_step,
+        _check_perf_step,
     ),
     "gpu-check": Command(
         "bench.perf.gpu_check",

@@ -9,12 +9,16 @@ import sys
 import pandas as pd
 import pytest
 import timm
+import torch
 
 import snell
 from bench.memory.estimate import MemoryEstimate, step_memory, uniform_spt_plan
 from bench.memory.estimate import main as memory_command
+from bench.memory.paper import METHODS, MODELS, PAPER_MB
 from bench.memory.plots import plot_breakdown, plot_memory_vs_model_size
-from bench.memory.sweep import METHODS, MODELS, PAPER_MB, claims_table, write_markdown
+from bench.report.measurements import render_folder
+from bench.report.memory import claims_table
+from bench.run.measurements import write_measurement
 
 SMALL = "vit_mnist_patch7_28"  # 6 blocks, width 128: a real step takes well under a second
 CONFIGS = {
@@ -107,32 +111,43 @@ def fake_sweep() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def render_sweep(folder, gpu_steps: pd.DataFrame | None = None) -> str:
+    """The memory report of a fake sweep's record (and of a GPU check record beside it)."""
+    gpu = folder / "gpu" / "gpu-check.json"
+    if gpu_steps is not None:
+        write_measurement(gpu.parent, kind="gpu-check", argv=[], settings={}, tables={"steps": gpu_steps},
+                          device=torch.device("cpu"))  # fmt: skip
+    write_measurement(folder, kind="memory-sweep", argv=["--results", "x"], settings={"gpu_check": str(gpu)},
+                      tables={"points": fake_sweep()}, device=torch.device("cpu"))  # fmt: skip
+    render_folder(folder)
+    return (folder / "memory_vs_paper.md").read_text()
+
+
 def test_markdown_puts_our_figures_beside_the_paper(tmp_path):
-    path = tmp_path / "memory_vs_paper.md"
-    write_markdown(fake_sweep(), path, "python -m bench memory-sweep")
-    text = path.read_text()
-    assert "`python -m bench memory-sweep`" in text
+    text = render_sweep(tmp_path)
+    assert "`python -m bench memory-sweep --results x`" in text
     for arch, paper in PAPER_MB.items():
         row = next(line for line in text.splitlines() if line.startswith(f"| {arch}"))
         assert f"{paper['lora-8']:,}" in row and f"{paper['gps']:,}" in row
         assert "1.05" in row  # our SNELL/LoRA ratio
-    assert "stay below full fine-tuning" in text
     table = claims_table(fake_sweep())
     assert set(table["SNELL-8 / LoRA-8"]) == {"1.05"}
+    assert set(table["LoRA-8, SNELL-8 below both"]) == {"yes"}
+    assert (tmp_path / "memory.csv").is_file() and (tmp_path / "memory_vs_model_size.png").is_file()
 
 
 def test_markdown_puts_gpu_peaks_beside_the_estimates(tmp_path):
     gpu = pd.DataFrame([
-        {"model": "vit_base_patch16_224", "method": "lora-8", "batch_size": 8, "precision": "fp32",
-         "cuda_max_allocated_mib": 1100.0, "device": "NVIDIA H200"},
-        {"model": "vit_base_patch16_224", "method": "lora-8", "batch_size": 8, "precision": "bf16",
-         "cuda_max_allocated_mib": 900.0, "device": "NVIDIA H200"},  # no fp32 estimate of its own: left out
+        {"model": "vit_base_patch16_224", "variant": "lora-8", "method": "lora-8", "batch_size": 8,
+         "precision": "fp32", "cuda_max_allocated_mib": 1100.0, "device": "NVIDIA H200"},
+        {"model": "vit_base_patch16_224", "variant": "lora-8", "method": "lora-8", "batch_size": 8,
+         "precision": "bf16", "cuda_max_allocated_mib": 900.0, "device": "NVIDIA H200"},  # no bf16 estimate
+        {"model": "vit_base_patch16_224", "variant": "reference-8", "method": "snell-8", "batch_size": 8,
+         "precision": "fp32", "cuda_max_allocated_mib": 1500.0, "device": "NVIDIA H200"},  # no estimate
     ])  # fmt: skip
-    path = tmp_path / "memory_vs_paper.md"
-    write_markdown(fake_sweep(), path, "python -m bench memory-sweep", gpu)
-    section = path.read_text().split("## Checked on a GPU (NVIDIA H200")[1]
+    section = render_sweep(tmp_path, gpu).split("## Real measurements beside the estimates")[1]
     rows = [line for line in section.splitlines() if line.startswith("| ViT")]
-    assert rows == [next(r for r in rows if "lora-8" in r and "1.100" in r)]  # 1100 / 1000 MiB
+    assert rows == [next(r for r in rows if "lora-8" in r and "NVIDIA H200" in r and "1.100" in r)]
 
 
 def test_figures_are_written(tmp_path):

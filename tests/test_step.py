@@ -43,13 +43,14 @@ def test_memory_estimate_and_measurement_run_the_step(calls):
 
 
 def test_gpu_check_runs_the_step(calls):
-    row = bench.perf.gpu_check.measure(
-        "lora-8", 2, "bf16", 1, 2, False, model_name=EMBEDDED_BACKBONE, device="cpu"
-    )
-    assert calls == [("VisionTransformer", "bf16")] * 3 and row["step_time_ms"] > 0
+    variant = bench.perf.gpu_check.VARIANTS[1]
+    setup = bench.perf.gpu_check.build(variant, 2, "bf16", model_name=EMBEDDED_BACKBONE, device="cpu")
+    row = bench.perf.gpu_check.alone(setup, 1, on_cuda=False)
+    assert calls == [("VisionTransformer", "bf16")] * 2 and row["trainable_params"] > 0
 
 
 def test_perf_benchmark_runs_the_step(calls):
     images, labels = torch.randn(2, 3, 64, 64), torch.randint(10, (2,))
-    bench.perf.step_bench.build(bench.perf.step_bench.VARIANTS[0], images, labels).step()
+    setting = bench.perf.step_bench.Setting(2, 64, 1)
+    bench.perf.step_bench.build(bench.perf.step_bench.VARIANTS[0], setting, images, labels).step()
     assert calls == [("VisionTransformer", "fp32")]

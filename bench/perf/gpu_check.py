@@ -1,11 +1,14 @@
-"""The GPU check: real CUDA peak memory and step time of full / LoRA-8 / SNELL-8 on ViT-B/16.
+"""The GPU check: step time, kernel launches and CUDA peak memory of LoRA-8, SNELL-8, the public code's
+layout and full fine-tuning on ViT-B/16, in one prepared call for a lent GPU.
 
-One prepared script for a lent GPU (minutes): every method trains the same ViT-B/16 step (random
-weights, random 224 px batch, AdamW) for a few warm-up then timed steps; it records
-``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` and the median step time, and beside them
-the CPU simulator's estimate of the same fp32 step (``bench.memory.estimate``), to check the estimate.
+For each (batch, precision) every variant first runs alone (3 warm-up steps, then one step for the CUDA
+peak, ``torch.cuda.max_memory_allocated``, and one under the profiler, counting kernel launches); then all
+variants are built together and take turns step by step (warm-up, then ``--steps`` timed rounds,
+synchronised; median), so that clocks and drift hit them alike. Writes the record ``gpu-check.json``
+(pass ``--commit``: a device machine's copy of the repository has no git metadata);
+``bench.report.measurements`` renders ``gpu_check.md`` from it.
 
-    python -m bench gpu-check --results results/gpu
+    python -m bench gpu-check --commit "$(git rev-parse HEAD)"
 """
 
 from __future__ import annotations
@@ -13,126 +16,136 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pandas as pd
 import timm
 import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
 
 import snell
 from bench import step
 from bench.arguments import parse
 from bench.backbones import create_backbone
-from bench.memory.estimate import step_memory
 from bench.methods import preset_config
-from bench.run.provenance import device_name, provenance, versions
+from bench.perf.reference_snell import to_reference
+from bench.report.measurements import render_folder
+from bench.run.measurements import write_measurement
+from bench.run.provenance import device_name
 
 MODEL = "vit_base_patch16_224"
-METHODS = (
-    "full",
-    "linear",
-    "lora-8",
-    "snell-8",
-    "snell-8 (no branch dropout)",
-    "lora-8 (no branch dropout)",
-    "snell-8 (no recompute)",
-)
-"""The checked presets of ``bench.methods.METHOD_PRESETS``."""
 MIB = 2**20
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+"""Profiler events of host-side kernel launches (the runtime API and the driver API, which Triton uses)."""
 
 
-def measure(
-    label: str,
-    batch: int,
-    precision: str,
-    warmup: int,
-    steps: int,
-    estimate: bool,
-    *,
-    model_name: str = MODEL,
-    device: str = "cuda",
-) -> dict:
-    """Peak CUDA memory and median step time of one method's training step (``device="cpu"`` runs the
-    same step on the CPU, without the CUDA memory columns: how the tests check it)."""
-    config = preset_config(label)
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    preset: str
+    """A label of ``bench.methods.METHOD_PRESETS``."""
+    branch: str
+    """'paper' (branch dropout 0.1, SNELL drop-path 0.1) or 'off'."""
+    reference: bool = False
+
+
+VARIANTS = (
+    Variant("full", "full", "off"),
+    Variant("lora-8", "lora-8", "paper"),
+    Variant("snell-8", "snell-8", "paper"),
+    Variant("reference-8", "snell-8", "paper", reference=True),
+    Variant("lora-8", "lora-8 (no branch dropout)", "off"),
+    Variant("snell-8", "snell-8 (no branch dropout)", "off"),
+    Variant("reference-8", "snell-8 (no branch dropout)", "off", reference=True),
+)
+
+
+@dataclass
+class Setup:
+    variant: Variant
+    model: nn.Module
+    step: Callable[[], None]
+
+
+def build(variant: Variant, batch: int, precision: str, *, model_name: str, device: str) -> Setup:
+    """``variant`` on a fresh backbone (random weights, same seed), with its optimizer and a batch."""
     torch.manual_seed(0)
-    model = create_backbone(model_name, 100, pretrained=False).to(device)
-    snell.apply_method(model, config)
-    model.train()
+    model = create_backbone(model_name, 100, pretrained=False)
+    snell.apply_method(model, preset_config(variant.preset))
+    if variant.reference:
+        to_reference(model)
+    model.to(device).train()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4
     )
     input_size = timm.data.resolve_model_data_config(model)["input_size"]
     images = torch.randn(batch, *input_size, device=device)
     labels = torch.randint(100, (batch,), device=device)
-    on_cuda = device.startswith("cuda")
 
-    def timed_step() -> float:
-        tic = time.perf_counter()
+    def run() -> None:
         step.train_step(model, optimizer, images, labels, precision=precision)
-        if on_cuda:
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - tic
 
+    return Setup(variant, model, run)
+
+
+def alone(setup: Setup, warmup: int, on_cuda: bool) -> dict:
+    """Peak memory and kernel launches of one step, with no other model on the device."""
     for _ in range(warmup):
-        timed_step()
+        setup.step()
+    row = {"trainable_params": snell.count_trainable(setup.model)}
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = [timed_step() for _ in range(steps)]
-    row = {
-        "model": model_name,
-        "method": label,
-        "batch_size": batch,
-        "precision": precision,
-        "step_time_ms": 1e3 * statistics.median(times),
-        "images_per_s": batch / statistics.median(times),
-        "trainable_params": snell.count_trainable(model),
-        "device": device_name(torch.device(device)),
-    }
-    if on_cuda:
+        setup.step()
         row["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
         row["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / MIB
-    if estimate and on_cuda and precision == "fp32":
-        row["estimate_mib"] = step_memory(model_name, config, batch, precision).peak_bytes / MIB
-        row["allocated_over_estimate"] = row["cuda_max_allocated_mib"] / row["estimate_mib"]
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
+    with profile(activities=activities) as prof:
+        setup.step()
+    row["launches_per_step"] = sum(e.count for e in prof.key_averages() if e.key in LAUNCHES)
     return row
 
 
-def write(frame: pd.DataFrame, out: Path, command: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / "gpu_check.csv", index=False)
-    device = torch.cuda.get_device_name()
-    ratios = []
-    for (batch, precision), group in frame.groupby(["batch_size", "precision"]):
-        mem, ms = group.set_index("method").cuda_max_allocated_mib, group.set_index("method").step_time_ms
-        ratios.append({
-            "batch": batch,
-            "precision": precision,
-            "snell-8 / lora-8 memory": mem["snell-8"] / mem["lora-8"],
-            "snell-8 / lora-8 time": ms["snell-8"] / ms["lora-8"],
-            "snell-8 / lora-8 memory, no dropout": mem["snell-8 (no branch dropout)"]
-            / mem["lora-8 (no branch dropout)"],
-            "snell-8 / lora-8 time, no dropout": ms["snell-8 (no branch dropout)"]
-            / ms["lora-8 (no branch dropout)"],
-            "snell-8 / full memory": mem["snell-8"] / mem["full"],
+def interleaved(setups: list[Setup], warmup: int, steps: int) -> list[list[float]]:
+    """Seconds per step of each setup, the setups taking turns (after ``warmup`` steps each)."""
+    for setup in setups:
+        for _ in range(warmup):
+            setup.step()
+    times = [[] for _ in setups]
+    for _ in range(steps):
+        for i, setup in enumerate(setups):
+            tic = time.perf_counter()
+            setup.step()
+            times[i].append(time.perf_counter() - tic)
+    return times
+
+
+def check(batch: int, precision: str, args: argparse.Namespace) -> list[dict]:
+    """Every variant's row at one batch size and precision."""
+    on_cuda = args.device.startswith("cuda")
+    options = {"model_name": args.model, "device": args.device}
+    rows = []
+    for variant in VARIANTS:
+        setup = build(variant, batch, precision, **options)
+        rows.append(alone(setup, args.warmup, on_cuda))
+        del setup
+        if on_cuda:
+            torch.cuda.empty_cache()
+    setups = [build(variant, batch, precision, **options) for variant in VARIANTS]
+    times = interleaved(setups, args.warmup, args.steps)
+    for row, variant, seconds in zip(rows, VARIANTS, times, strict=True):
+        median = statistics.median(seconds)
+        row.update({
+            "model": args.model, "variant": variant.name, "branch": variant.branch, "method": variant.preset,
+            "batch_size": batch, "precision": precision, "steps": len(seconds),
+            "step_time_ms": 1e3 * median, "images_per_s": batch / median,
+            "device": device_name(torch.device(args.device)),
         })  # fmt: skip
-    lines = [
-        f"# GPU check: {MODEL} training step on {device}",
-        "",
-        f"Generated by `{command}` on {device} (torch {torch.__version__}, timm {versions()['timm']}).",
-        f"Provenance: {provenance(torch.device('cuda'))}.",
-        "Peak memory is `torch.cuda.max_memory_allocated` over the timed steps (after warm-up, so AdamW",
-        "state exists); reserved adds the caching allocator's slack. Estimate: the CPU simulator's",
-        "tensor-level peak of the same fp32 step. Time: median of the timed steps, synchronised.",
-        "",
-        frame.round(3).to_markdown(index=False),
-        "",
-        "## Ratios",
-        "",
-        pd.DataFrame(ratios).round(3).to_markdown(index=False),
-        "",
-    ]
-    (out / "gpu_check.md").write_text("\n".join(lines))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,18 +153,21 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if not torch.cuda.is_available():
-        raise SystemExit("bench gpu-check needs a CUDA device; on a CPU use `python -m bench memory`")
-    print(device_name(torch.device("cuda")))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("bench gpu-check needs a CUDA device (or --device cpu, for a try on a small model)")
+    print(device_name(torch.device(args.device)))
+    groups = [(batch, precision) for batch in args.batch_sizes for precision in args.precisions]
     rows = []
-    for batch in args.batch_sizes:
-        for precision in args.precisions:
-            for label in METHODS:
-                rows.append(measure(label, batch, precision, args.warmup, args.steps, args.estimate))
-                torch.cuda.empty_cache()  # the model of the last measurement is gone: start the next clean
-                print(
-                    {k: round(v, 2) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True
-                )
-    command = "python -m bench gpu-check " + " ".join(args.argv)
-    write(pd.DataFrame(rows), args.results, command.strip())
-    print((args.results / "gpu_check.md").read_text())
+    for batch, precision in tqdm(groups, desc="gpu check"):
+        rows += check(batch, precision, args)
+    write_measurement(
+        args.results,
+        kind="gpu-check",
+        argv=args.argv,
+        settings={"model": args.model, "warmup": args.warmup, "steps": args.steps},
+        tables={"steps": pd.DataFrame(rows)},
+        device=torch.device(args.device),
+        commit=args.commit,
+    )
+    for path in render_folder(args.results):
+        print(path.read_text())

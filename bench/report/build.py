@@ -1,7 +1,8 @@
 """Records -> one pandas table -> summary.csv, Markdown tables in the paper's form, and figures.
 
 Everything here is derived from ``<results>/records/*.json``; ``python -m bench report`` rebuilds it
-without training. Failed runs stay visible: a cell with no successful seed shows its status
+without training, and the reports of the measurement records beside it
+(``bench.report.measurements``). Failed runs stay visible: a cell with no successful seed shows its status
 ("OOM", "diverged", "error"), never a blank or a zero.
 """
 
@@ -253,7 +254,16 @@ def build_report(results: str | Path) -> pd.DataFrame:
 
 
 def run(args: argparse.Namespace) -> None:
-    build_report(args.results)
+    """The accuracy report from ``<results>/records`` and the report of every measurement record in a
+    folder below ``results`` (perf, memory, GPU check)."""
+    from bench.report.measurements import render_folder
+
+    results = Path(args.results)
+    if (results / "records").is_dir():
+        build_report(results)
+    for folder in sorted(p for p in results.iterdir() if p.is_dir()):
+        for path in render_folder(folder):
+            print(f"report: {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

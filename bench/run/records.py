@@ -34,8 +34,13 @@ def record_path(results: str | Path, run_id: str) -> Path:
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
-    """Atomically write ``record`` as JSON to ``path`` (temp file in the same folder + rename)."""
+    """Check ``record`` and write it atomically to ``path``."""
     check_record(record, path)
+    write_json(path, record)
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """Atomically write ``record`` as JSON to ``path`` (temp file in the same folder + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:

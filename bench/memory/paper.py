@@ -1,0 +1,26 @@
+"""What the memory sweep covers, and the SNELL paper's figures it is compared with."""
+
+from __future__ import annotations
+
+from bench.arguments import MEMORY_MODELS
+
+MODELS = MEMORY_MODELS
+METHODS = (
+    "full",
+    "linear",
+    "lora-8",
+    "lora-32",
+    "spt-lora (index)",
+    "spt-lora (grad mask)",
+    "snell-8",
+    "snell-32",
+    "snell-8 (no recompute)",
+)
+"""The swept presets of ``bench.methods.METHOD_PRESETS``, in table order."""
+PAPER_MB = {
+    "ViT-B/16": {"gps": 2428, "lora-8": 1546, "snell-8": 1673},
+    "ViT-L/16": {"gps": 7522, "lora-8": 4325, "snell-8": 4519},
+    "ViT-H/14": {"gps": 16119, "lora-8": 9325, "snell-8": 9692},
+}
+"""Peak training memory in the SNELL paper's tables (batch 8; GPS is its sparse-tuning baseline)."""
+PAPER_BATCH = 8

@@ -1,0 +1,130 @@
+"""The memory sweep's report: ``memory.csv``, two figures and ``memory_vs_paper.md`` from its record.
+
+Our estimates beside the SNELL paper's table, the paper's claims as ratios of peaks, every method's peak,
+and real CUDA peaks (the sweep's ``--measure`` rows, or the ``bench gpu-check`` record) beside the estimates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from bench.memory.estimate import ESTIMATE_DEVICE
+from bench.memory.paper import METHODS, MODELS, PAPER_BATCH, PAPER_MB
+from bench.memory.plots import plot_breakdown, plot_memory_vs_model_size
+from bench.run.measurements import read_measurement
+
+
+def _mib(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def peaks(estimates: pd.DataFrame) -> pd.DataFrame:
+    """Peak MiB by (model, batch size) and method, models in size order, methods in ``METHODS`` order."""
+    peak = estimates.pivot(index=["arch", "batch_size"], columns="method", values="peak_mib")
+    rows = sorted(peak.index, key=lambda row: (list(MODELS).index(row[0]), row[1]))
+    return peak.loc[rows, [m for m in METHODS if m in peak.columns]]
+
+
+def paper_table(estimates: pd.DataFrame) -> pd.DataFrame:
+    """Ours beside the paper's figures at the paper's batch size, one row per model."""
+    peak = peaks(estimates).xs(PAPER_BATCH, level="batch_size")
+    rows = []
+    for arch in peak.index:
+        paper, ours = PAPER_MB[arch], peak.loc[arch]
+        rows.append({
+            "model": arch,
+            "LoRA-8 paper (MB)": _mib(paper["lora-8"]),
+            "LoRA-8 ours (MiB)": _mib(ours["lora-8"]),
+            "SNELL-8 paper": _mib(paper["snell-8"]),
+            "SNELL-8 ours": _mib(ours["snell-8"]),
+            "SNELL/LoRA paper": f"{paper['snell-8'] / paper['lora-8']:.2f}",
+            "SNELL/LoRA ours": f"{ours['snell-8'] / ours['lora-8']:.2f}",
+            "GPS paper": _mib(paper["gps"]),
+            "SPT grad mask ours": _mib(ours["spt-lora (grad mask)"]),
+            "SPT index ours": _mib(ours["spt-lora (index)"]),
+            "full ours": _mib(ours["full"]),
+            "SNELL-8 without trick ours": _mib(ours["snell-8 (no recompute)"]),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def claims_table(estimates: pd.DataFrame) -> pd.DataFrame:
+    """The paper's memory claims as ratios of peaks, at every model size and batch, and whether LoRA-8
+    and SNELL-8 stay below both full fine-tuning and the gradient-mask variant."""
+    peak = peaks(estimates)
+    snell8, lora8, heavy = peak["snell-8"], peak["lora-8"], peak["spt-lora (grad mask)"]
+    table = pd.DataFrame({
+        "LoRA-8 / full": lora8 / peak["full"],
+        "SNELL-8 / full": snell8 / peak["full"],
+        "LoRA-8 / SPT grad mask": lora8 / heavy,
+        "SNELL-8 / SPT grad mask": snell8 / heavy,
+        "SNELL-8 / LoRA-8": snell8 / lora8,
+        "SNELL-8 without trick / SNELL-8": peak["snell-8 (no recompute)"] / snell8,
+    }).map("{:.2f}".format)  # fmt: skip
+    below = peak[["lora-8", "snell-8"]].max(axis=1) < peak[["full", "spt-lora (grad mask)"]].min(axis=1)
+    return table.assign(**{"LoRA-8, SNELL-8 below both": below.map({True: "yes", False: "NO"})})
+
+
+def measured_table(measured: pd.DataFrame, estimates: pd.DataFrame) -> str:
+    """Real peaks (``peak_mib``, ``device``) beside the estimates of the same model, method, batch and
+    precision. A measurement of another adapter layout (other trainable parameters: an earlier commit)
+    is listed, not compared."""
+    keys = ["model", "method", "batch_size", "precision"]
+    both = measured.drop(columns="arch", errors="ignore").merge(
+        estimates, on=keys, suffixes=("", "_estimate")
+    )
+    parts = []
+    if "trainable_params" in measured:
+        other = both[both.trainable_params != both.trainable_params_estimate]
+        both = both[both.trainable_params == both.trainable_params_estimate]
+        if not other.empty:
+            parts.append(
+                f"Not compared (other trainable parameters): {', '.join(sorted(set(other.method)))}."
+            )
+    if not both.empty:
+        both = both.assign(**{
+            "measured / estimate": both.peak_mib / both.peak_mib_estimate,
+            "measured (MiB)": both.peak_mib.map(_mib),
+            "estimate (MiB)": both.peak_mib_estimate.map(_mib),
+        })  # fmt: skip
+        columns = ["arch", *keys[1:], "device", "estimate (MiB)", "measured (MiB)", "measured / estimate"]
+        parts.insert(0, both[columns].to_markdown(index=False, floatfmt=".3f"))
+    return "\n\n".join(parts) or "(none of the measured configurations is in this sweep)"
+
+
+def gpu_check_peaks(path: Path) -> pd.DataFrame | None:
+    """The CUDA peaks of a ``bench gpu-check`` record, as measured rows; None without one."""
+    if not path.is_file():
+        return None
+    _, tables = read_measurement(path)
+    steps = tables["steps"]
+    own_layout = steps[steps.variant != "reference-8"]  # the public code's layout has no estimate
+    return own_layout.rename(columns={"cuda_max_allocated_mib": "peak_mib"})
+
+
+def render_memory_sweep(record: dict, tables: dict[str, pd.DataFrame], folder: Path) -> dict[str, str]:
+    """Write ``memory.csv`` and the figures; return the template's fields."""
+    frame = tables["points"]
+    frame.to_csv(folder / "memory.csv", index=False)
+    estimates = frame[frame.device == ESTIMATE_DEVICE]
+    plot_memory_vs_model_size(estimates, folder / "memory_vs_model_size.png", list(METHODS))
+    arch, batch = estimates.arch.iloc[0], estimates.batch_size.max()
+    slug = arch.lower().replace("-", "_").replace("/", "")
+    plot_breakdown(estimates, folder / f"memory_breakdown_{slug}_b{batch}.png", arch, batch, list(METHODS))
+    measured = [frame[frame.device != ESTIMATE_DEVICE]]
+    gpu = gpu_check_peaks(Path(record["settings"]["gpu_check"]))
+    if gpu is not None:
+        measured.append(gpu)
+    measured = pd.concat(measured, ignore_index=True)
+    return {
+        "precision": ", ".join(sorted(estimates.precision.unique())),
+        "paper_batch": str(PAPER_BATCH),
+        "table_paper": paper_table(estimates).to_markdown(index=False)
+        if PAPER_BATCH in set(estimates.batch_size)
+        else f"(no batch-{PAPER_BATCH} estimates in this sweep)",
+        "table_claims": claims_table(estimates).reset_index().to_markdown(index=False),
+        "table_peaks": peaks(estimates).map(_mib).reset_index().to_markdown(index=False),
+        "table_measured": "(none)" if measured.empty else measured_table(measured, estimates),
+    }

@@ -1,0 +1,43 @@
+"""Measurement records: the GPU check and the step benchmark write records with provenance, and their
+reports render from the records alone (``python -m bench report``), byte for byte."""
+
+from __future__ import annotations
+
+import json
+
+from bench.perf import gpu_check, step_bench
+from bench.report.build import main as report_command
+from bench.run.config import EMBEDDED_BACKBONE
+
+
+def test_gpu_check_script_runs_on_a_cpu_and_its_report_renders_from_the_record(tmp_path):
+    folder = tmp_path / "gpu"
+    gpu_check.main([
+        "--device", "cpu", "--model", EMBEDDED_BACKBONE, "--batch-sizes", "2", "--precisions", "fp32",
+        "--warmup", "1", "--steps", "2", "--results", str(folder), "--commit", "0123456789abcdef",
+    ])  # fmt: skip
+    record = json.loads((folder / "gpu-check.json").read_text())
+    assert record["provenance"]["git_commit"] == "0123456789abcdef"
+    rows = record["tables"]["steps"]["data"]
+    assert {(r["variant"], r["branch"]) for r in rows} == {(v.name, v.branch) for v in gpu_check.VARIANTS}
+    assert all(r["steps"] == 2 and r["step_time_ms"] > 0 for r in rows)
+    report = folder / "gpu_check.md"
+    first = report.read_bytes()
+    assert b"commit 0123456789" in first and b"time snell-8 / reference-8" in first
+    report.unlink()
+    report_command(["--results", str(tmp_path)])
+    assert report.read_bytes() == first
+
+
+def test_step_benchmark_compares_like_for_like_and_with_the_floor(tmp_path):
+    step_bench.main([
+        "--batch-sizes", "2", "--image-sizes", "32", "--threads", "1", "--rounds", "1", "--warmup", "0",
+        "--vit-b-batch-sizes", "--results", str(tmp_path),
+    ])  # fmt: skip
+    record = json.loads((tmp_path / "perf-step.json").read_text())
+    rows = record["tables"]["steps"]["data"]
+    assert {(r["variant"], r["branch"]) for r in rows} == {(v.name, v.branch) for v in step_bench.VARIANTS}
+    floor = {r["branch"]: r for r in rows if r["variant"] == "matmul floor"}
+    assert floor["off"]["peak_mib"] is None and floor["paper"]["step_s"] > 0
+    text = (tmp_path / "perf_step.md").read_text()
+    assert "| time snell-8 / lora-8 " in text and "branch paper" in text
