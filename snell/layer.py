@@ -19,10 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.func import functional_call
 
 from .kernels import Kernel, init_factor_
@@ -84,45 +86,140 @@ def weight_blocks(
     ]
 
 
+@dataclass(frozen=True)
+class Part:
+    """Output rows that share a drop-path draw, split into the samples that keep the branch (scaled by
+    ``scale`` = 1 / (1 - p)) and those that drop it; all samples kept, unscaled, without drop-path."""
+
+    rows: slice
+    kept: Tensor | None
+    """Sample indices (dim 0) that keep the branch; None: every sample."""
+    dropped: Tensor | None
+    scale: float
+
+
+def parts(layer: SnellLinear, keep: Tensor | None, device: torch.device) -> list[Part]:
+    """The drop-path parts of one step: one per threshold group, from ``keep`` ((samples, groups) 0/1
+    draws on the CPU, so that splitting the batch needs no device sync), or one part of all rows."""
+    if keep is None:
+        return [Part(slice(None), None, None, 1.0)]
+    per_group = layer.out_features // layer.groups
+    scale = 1.0 / (1.0 - layer.drop_path.p)
+    found = []
+    for group in range(layer.groups):
+        rows = slice(group * per_group, (group + 1) * per_group)
+        if is_fake(keep):  # a memory estimate has no draws: the expected split, kept samples first
+            kept = round(keep.shape[0] * (1.0 - layer.drop_path.p))
+            found.append(Part(rows, torch.arange(kept, device=device),
+                              torch.arange(kept, keep.shape[0], device=device), scale))  # fmt: skip
+            continue
+        draws = keep[:, group]
+        indices = [(draws == value).nonzero().squeeze(1) for value in (1, 0)]
+        if device.type == "cuda":
+            indices = [i.pin_memory().to(device, non_blocking=True) for i in indices]
+        found.append(Part(rows, *indices, scale))
+    return found
+
+
+def branch_scale(layer: SnellLinear, keep: Tensor, like: Tensor) -> Tensor:
+    """The drop-path multipliers (0 or 1 / (1 - p)) of a branch's output: (samples, 1, ..., groups, 1)."""
+    scale = keep.to(like.dtype).div_(1.0 - layer.drop_path.p)
+    if like.is_cuda:
+        scale = scale.pin_memory()
+    return scale.to(like.device, non_blocking=True).view(
+        keep.shape[0], *[1] * (like.ndim - 2), layer.groups, 1
+    )
+
+
+def _overlap(rows: slice, part: Part, out_features: int) -> tuple[slice, slice] | None:
+    """(absolute rows, rows local to the block) where a block of rows and a part's rows overlap."""
+    lo_block, hi_block, _ = rows.indices(out_features)
+    lo_part, hi_part, _ = part.rows.indices(out_features)
+    lo, hi = max(lo_block, lo_part), min(hi_block, hi_part)
+    return None if lo >= hi else (slice(lo, hi), slice(lo - lo_block, hi - lo_block))
+
+
+def _samples(t: Tensor, index: Tensor | None, cols: slice = slice(None)) -> Tensor:
+    """The samples ``index`` (all if None: a view) of ``t`` (samples first), columns ``cols``, as 2-D rows."""
+    if index is None:
+        return t.reshape(-1, t.shape[-1])[:, cols]
+    picked = t[..., cols].index_select(0, index)
+    return picked.reshape(-1, picked.shape[-1])
+
+
 class KernelSparseLinearFn(torch.autograd.Function):
-    """F.linear(x, weight + S(kernel(A, B)), bias), saving no out x in tensor besides ``weight`` itself."""
+    """y = x W0^T + bias + drop_path(branch_x S^T), S = S(kernel(A, B)), saving no out x in tensor.
+
+    ``branch_x`` None (no branch dropout): the one-matmul form, y = x (W0 + drop_path(S))^T, where
+    drop-path splits the batch: samples that keep a group's branch use W0 + S / (1 - p) for its rows,
+    the others W0. With ``branch_x`` (the dropped input) the frozen matmul runs on x and the branch on
+    the kept samples of ``branch_x`` only. ``keep``: (samples, groups) drop-path draws or None.
+    """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, a, b, layer: SnellLinear, *kernel_params):
+    def forward(ctx, x, branch_x, weight, bias, a, b, layer: SnellLinear, keep, *kernel_params):
         with torch.no_grad():
             dw = layer.blockwise_update(a, b, kernel_params)
             t = threshold(dw, layer.sparsity, layer.groups)
-            merged = apply_rule(dw, t, layer.rule, inplace=True)
-            if weight is not None:
-                merged.add_(weight)
-        ctx.layer = layer
-        ctx.has_weight = weight is not None
-        ctx.save_for_backward(x, weight, a, b, t, *kernel_params)
-        return F.linear(x, merged.to(x.dtype), bias)
+            update = apply_rule(dw, t, layer.rule, inplace=True)
+            merged = branch_x is None
+            found = parts(layer, keep if merged else None, x.device)
+            scale = None if merged or keep is None else branch_scale(layer, keep, x)
+            if merged and keep is None:
+                y = F.linear(x, update.add_(weight).to(x.dtype), bias)
+            elif merged:
+                y = x.new_empty(*x.shape[:-1], layer.out_features)
+                for part in found:
+                    bias_rows = None if bias is None else bias[part.rows]
+                    kept = update[part.rows].mul_(part.scale).add_(weight[part.rows]).to(x.dtype)
+                    y[part.kept, ..., part.rows] = F.linear(x[part.kept], kept, bias_rows)
+                    y[part.dropped, ..., part.rows] = F.linear(x[part.dropped], weight[part.rows], bias_rows)
+            else:
+                y = F.linear(x, weight, bias)
+                branch = F.linear(branch_x, update.to(x.dtype))
+                if scale is None:
+                    y += branch
+                else:
+                    y.unflatten(-1, (layer.groups, -1)).addcmul_(
+                        branch.unflatten(-1, (layer.groups, -1)), scale
+                    )
+        ctx.layer, ctx.parts, ctx.x_dtype = layer, found, x.dtype
+        ctx.save_for_backward(x if merged else None, branch_x, weight, a, b, t, scale, *kernel_params)
+        return y
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        x, weight, a, b, t, *kernel_params = ctx.saved_tensors
+        x, branch_x, weight, a, b, t, scale, *kernel_params = ctx.saved_tensors
         layer: SnellLinear = ctx.layer
         needs = ctx.needs_input_grad
-        wants = needs[3:5] + needs[6:]  # a, b, then the kernel's parameters
+        wants = needs[4:6] + needs[8:]  # a, b, then the kernel's parameters
         grads = [
             torch.zeros_like(p) if n else None for p, n in zip((a, b, *kernel_params), wants, strict=True)
         ]
-        g = grad_out.reshape(-1, grad_out.shape[-1])
+        merged = branch_x is None
         # Under autocast g may be half precision while x is not: multiply in g's dtype, as autocast would.
-        x2 = x.reshape(-1, x.shape[-1]).to(g.dtype)
-        grad_x = torch.empty_like(x2) if needs[0] else None
-        grad_w = torch.empty_like(weight) if ctx.has_weight and needs[1] else None
+        g = grad_out
+        if scale is not None:  # the branch's drop-path, on its output gradient
+            g = (g.unflatten(-1, (layer.groups, -1)) * scale).flatten(-2)
+        source = (x if merged else branch_x).to(g.dtype)
+        grad_x = torch.zeros_like(source) if merged and needs[0] else None  # accumulated block by block
+        grad_branch = torch.zeros_like(source) if not merged and needs[1] else None
+        rows_total = layer.out_features
         for rows, cols, groups in weight_blocks(b.shape[0], layer.in_features, layer.groups, b.device):
-            blocks = layer.a_block(a, rows, cols), layer.b_block(b, rows)
-            grad_update = (g[:, rows].T @ x2[:, cols]).to(a.dtype)
-            if grad_w is not None:
-                grad_w[rows, cols] = grad_update
+            overlaps = [(part, *o) for part in ctx.parts if (o := _overlap(rows, part, rows_total))]
+            grad_update = g.new_empty(_length(rows, rows_total), _length(cols, layer.in_features))
+            for part, absolute, local in overlaps:
+                g_kept = _samples(g, part.kept, absolute)
+                torch.mm(g_kept.T, _samples(source, part.kept, cols), out=grad_update[local])
+                if part.scale != 1.0:
+                    grad_update[local].mul_(part.scale)
             t_block = None if t is None else t[groups]
-            update, block_grads = layer.update_vjp(*blocks, kernel_params, t_block, grad_update, wants)
+            blocks = layer.a_block(a, rows, cols), layer.b_block(b, rows)
+            update, block_grads = layer.update_vjp(
+                *blocks, kernel_params, t_block, grad_update.to(a.dtype), wants
+            )
             for i, grad in enumerate(block_grads):
                 if grad is None:
                     continue
@@ -132,13 +229,40 @@ class KernelSparseLinearFn(torch.autograd.Function):
                     layer.b_block(grads[1], rows).add_(grad)
                 else:
                     grads[i].add_(grad)
-            if grad_x is not None:
-                merged = update if weight is None else update.add_(weight[rows, cols])
-                first = rows.start in (None, 0)  # column blocks write their slice once, row blocks accumulate
-                grad_x[:, cols].addmm_(g[:, rows], merged.to(g.dtype), beta=0 if first else 1)
-        grad_x = grad_x.reshape(x.shape).to(x.dtype) if needs[0] else None
-        grad_bias = g.sum(0) if needs[2] else None
-        return (grad_x, grad_w, grad_bias, grads[0], grads[1], None, *grads[2:])
+            target = grad_x if merged else grad_branch
+            if target is None:
+                continue
+            for part, absolute, local in overlaps:
+                kept_weight = update[local].mul_(part.scale)
+                if merged:
+                    kept_weight.add_(weight[absolute, cols])
+                _accumulate(
+                    target, part.kept, cols, _samples(g, part.kept, absolute), kept_weight.to(g.dtype)
+                )
+                if merged and part.dropped is not None:
+                    frozen = weight[absolute, cols].to(g.dtype)
+                    _accumulate(target, part.dropped, cols, _samples(g, part.dropped, absolute), frozen)
+        if (
+            needs[0] and not merged
+        ):  # the frozen matmul's input gradient, once the blocks' temporaries are gone
+            grad_x = grad_out @ weight.to(grad_out.dtype)
+        grad_x = None if grad_x is None else grad_x.to(ctx.x_dtype)
+        grad_branch = None if grad_branch is None else grad_branch.to(branch_x.dtype)
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if needs[3] else None
+        return (grad_x, grad_branch, None, grad_bias, grads[0], grads[1], None, None, *grads[2:])
+
+
+def _length(part: slice, size: int) -> int:
+    start, stop, _ = part.indices(size)
+    return stop - start
+
+
+def _accumulate(target: Tensor, samples: Tensor | None, cols: slice, g: Tensor, weight: Tensor) -> None:
+    """target[samples, ..., cols] += g @ weight, g being 2-D rows of those samples' entries."""
+    if samples is None:
+        target.view(-1, target.shape[-1])[:, cols].addmm_(g, weight)
+    else:
+        target[samples, ..., cols] += (g @ weight).view(len(samples), *target.shape[1:-1], weight.shape[-1])
 
 
 class SnellLinear(AdaptedLinear):
@@ -262,20 +386,20 @@ class SnellLinear(AdaptedLinear):
         return apply_rule(dw, threshold(dw, self.sparsity, self.groups), self.rule)
 
     def forward(self, x: Tensor) -> Tensor:
-        branch_regularised = self.training and not (
-            isinstance(self.dropout, nn.Identity) and isinstance(self.drop_path, nn.Identity)
-        )
-        if not branch_regularised:
-            return self._linear(x, self.base.weight, self.base.bias)
-        return self.base(x) + self.drop_path(self._linear(self.dropout(x), None, None))
-
-    def _linear(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """F.linear(x, weight + S(dW), bias), with the memory trick unless ``recompute`` is off."""
-        if not self.recompute:
+        dropout = self.training and not isinstance(self.dropout, nn.Identity)
+        drop_path = self.training and not isinstance(self.drop_path, nn.Identity)
+        if not self.recompute:  # plain autograd on W0 + S(dW): the ablation of the memory trick
             update = self.delta_weight()
-            return F.linear(x, update if weight is None else weight + update, bias)
+            if not (dropout or drop_path):
+                return F.linear(x, self.base.weight + update, self.base.bias)
+            return self.base(x) + self.drop_path(F.linear(self.dropout(x), update))
+        branch_x = self.dropout(x) if dropout else None  # the public code's order of random draws
+        keep = self.drop_path.draw(x.shape[0]) if drop_path else None
         params = [p for _, p in self.kernel.named_parameters()]
-        return KernelSparseLinearFn.apply(x, weight, bias, self.lora_A, self.lora_B, self, *params)
+        weight, bias = self.base.weight, self.base.bias
+        return KernelSparseLinearFn.apply(
+            x, branch_x, weight, bias, self.lora_A, self.lora_B, self, keep, *params
+        )
 
     def extra_repr(self) -> str:
         return (

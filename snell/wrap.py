@@ -106,13 +106,18 @@ class BranchDropPath(nn.Module):
         super().__init__()
         self.p, self.groups = p, groups
 
+    def draw(self, samples: int) -> Tensor:
+        """(samples, groups) draws, 1 = keep, on the CPU (where a batch split reads them without a device
+        sync), in q, k, v order."""
+        return torch.stack([torch.empty(samples).bernoulli_(1.0 - self.p) for _ in range(self.groups)], 1)
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
-        keep = 1.0 - self.p
-        masks = [x.new_empty(x.shape[0]).bernoulli_(keep) for _ in range(self.groups)]
-        scale = torch.stack(masks, 1).div_(keep).view(x.shape[0], *[1] * (x.ndim - 2), self.groups, 1)
-        return (x.unflatten(-1, (self.groups, -1)) * scale).flatten(-2)
+        scale = self.draw(x.shape[0]).to(x.device, x.dtype).div_(1.0 - self.p)
+        return (
+            x.unflatten(-1, (self.groups, -1)) * scale.view(x.shape[0], *[1] * (x.ndim - 2), self.groups, 1)
+        ).flatten(-2)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, groups={self.groups}"

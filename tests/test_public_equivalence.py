@@ -74,10 +74,13 @@ def assert_relative_close(actual, expected):
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
 @pytest.mark.parametrize("recompute", [True, False], ids=["fast", "recompute=False"])
-@pytest.mark.parametrize("regularised", [False, True], ids=["merged", "dropout+drop-path"])
+@pytest.mark.parametrize(
+    "p_dropout, p_drop_path",
+    [(0.0, 0.0), (0.3, 0.3), (0.0, 0.3), (0.3, 0.0)],
+    ids=["merged", "dropout+drop-path", "drop-path (merged, batch split)", "dropout"],
+)
 @pytest.mark.parametrize("groups", [3, 1], ids=["qkv", "fc"])
-def test_layer_matches_the_public_codes_math(sparsity, recompute, regularised, groups):
-    p = 0.3 if regularised else 0.0
+def test_layer_matches_the_public_codes_math(sparsity, recompute, p_dropout, p_drop_path, groups):
     torch.manual_seed(0)
     layer = SnellLinear(
         nn.Linear(DIM, groups * DIM),
@@ -85,8 +88,8 @@ def test_layer_matches_the_public_codes_math(sparsity, recompute, regularised, g
         build_kernel("piecewise_linear", RANK),
         sparsity,
         groups=groups,
-        dropout=p,
-        drop_path=p,
+        dropout=p_dropout,
+        drop_path=p_drop_path,
         recompute=recompute,
     )
     with torch.no_grad():  # trained-looking factors: larger than at init, so that S(dW) is not tiny
@@ -104,7 +107,7 @@ def test_layer_matches_the_public_codes_math(sparsity, recompute, regularised, g
     torch.manual_seed(2)  # the same dropout and drop-path draws, in the same order
     out = layer(x_ours)
     torch.manual_seed(2)
-    expected = public_forward(layer, adapters, x_public, p, p, training=True)
+    expected = public_forward(layer, adapters, x_public, p_dropout, p_drop_path, training=True)
     assert_relative_close(out, expected)
 
     (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
