@@ -221,7 +221,7 @@ class Allocation(NamedTuple):
 
 
 def allocate(
-    scores: dict[str, Tensor], lora_costs: dict[str, int], budget: int, alpha: float, beta: float
+    scores: dict[str, Tensor], lora_costs: dict[str, int], budget: int, *, alpha: float, beta: float
 ) -> Allocation:
     """Choose LoRA matrices, individually tuned entries and fully tuned vectors under ``budget``.
 
@@ -317,7 +317,7 @@ def _select(
     scores = sensitivity(model, params, calibration, cfg.calibration_batches)
     lora_costs = {n: cfg.rank * (layer.in_features + layer.out_features) for n, layer in layers.items()}
     budget = budget_entries(model, cfg.budget)
-    alloc = allocate(scores, lora_costs, budget, cfg.alpha_threshold, cfg.beta_threshold)
+    alloc = allocate(scores, lora_costs, budget, alpha=cfg.alpha_threshold, beta=cfg.beta_threshold)
     matrices = {
         n: "lora" if n in alloc.lora else alloc.sparse[n].numel()
         for n in names

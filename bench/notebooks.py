@@ -49,13 +49,14 @@ def execute_notebook(
     """Run the notebook at ``path`` in a fresh kernel and return it with its outputs (``path`` is not
     written). ``results`` sets SNELL_RESULTS, the benchmark results that notebook 2 reads."""
     nb = nbformat.read(path, as_version=4)
-    run_notebook(nb, path.parent, small, timeout, results)
+    run_notebook(nb, path.parent, small=small, timeout=timeout, results=results)
     return nb
 
 
 def run_notebook(
     nb: nbformat.NotebookNode,
     cwd: Path,
+    *,
     small: bool = False,
     timeout: int = 1800,
     results: Path | None = None,
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         nb = nbformat.read(path, as_version=4)
         try:
-            run_notebook(nb, path.parent, args.small, args.timeout, args.results)
+            run_notebook(nb, path.parent, small=args.small, timeout=args.timeout, results=args.results)
             status = "ok"
         except CellExecutionError as err:
             print(f"{path.name}: {err}", file=sys.stderr)

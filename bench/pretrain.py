@@ -55,7 +55,12 @@ def train(model: nn.Module, dataset: Dataset, epochs: int, seed: int) -> float:
     total_steps = epochs * len(loader)
     warmup_steps = math.ceil(RECIPE["warmup_fraction"] * total_steps)
     optimizer, scheduler = make_optimizer(
-        model, RECIPE["lr"], RECIPE["weight_decay"], total_steps, warmup_steps, RECIPE["warmup_lr"]
+        model,
+        lr=RECIPE["lr"],
+        weight_decay=RECIPE["weight_decay"],
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        warmup_lr=RECIPE["warmup_lr"],
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=RECIPE["label_smoothing"])
     step, epoch_loss = 0, float("nan")

@@ -52,6 +52,7 @@ def fit_kernel_factors(
     target: Tensor,
     kernel: str,
     rank: int,
+    *,
     steps: int = 300,
     lr: float = 1e-2,
     seed: int = 0,

@@ -97,3 +97,20 @@ def test_method_framework_is_neutral():
     methods |= {m for m in graph if m.startswith("baselines")}
     for module in neutral:
         assert not graph[module] & methods, (module, graph[module] & methods)
+
+
+MAX_POSITIONAL = 4
+"""Public functions take at most this many positional parameters; the rest are keyword-only."""
+
+
+def test_public_functions_of_many_parameters_take_the_rest_by_keyword():
+    too_many = []
+    for module, path in project_modules().items():
+        if path.name.startswith("test_"):
+            continue
+        for node in ast.parse(path.read_text()).body:  # module-level functions: the public API
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                positional = [a.arg for a in node.args.posonlyargs + node.args.args]
+                if len(positional) > MAX_POSITIONAL:
+                    too_many.append(f"{module}.{node.name}({', '.join(positional)})")
+    assert not too_many, f"make the later parameters keyword-only (after *): {too_many}"

@@ -153,7 +153,7 @@ def test_markdown_puts_gpu_peaks_beside_the_estimates(tmp_path):
 def test_figures_are_written(tmp_path):
     frame = fake_sweep()
     plot_memory_vs_model_size(frame, tmp_path / "size.png", list(METHODS))
-    plot_breakdown(frame, tmp_path / "breakdown.png", "ViT-B/16", 64, list(METHODS))
+    plot_breakdown(frame, tmp_path / "breakdown.png", arch="ViT-B/16", batch_size=64, methods=list(METHODS))
     for name in ("size.png", "breakdown.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 

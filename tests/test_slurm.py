@@ -65,11 +65,13 @@ def wait_for_claim(path, timeout_s: float = 240) -> dict:
 def test_killed_job_is_resubmitted_alone(sweep_file, reference, tmp_path, capsys):
     runs = load_sweep(sweep_file).runs
     linear, lora = sorted(runs, key=lambda r: r.method)
-    jobs = slurm.submit(runs, tmp_path, {**slurm.DEFAULTS, **JOBS}, "local", False, False)
+    jobs = slurm.submit(
+        runs, tmp_path, {**slurm.DEFAULTS, **JOBS}, cluster="local", retry_failed=False, steal=False
+    )
     before = slurm.record_stamps(list(jobs), tmp_path)
     claim = tmp_path / "records" / f"{lora.run_id}.claim"
     os.kill(wait_for_claim(claim)["pid"], signal.SIGKILL)  # the job's worker dies mid-run
-    slurm.show_progress(list(jobs), tmp_path, before, list(jobs.values()), poll_s=0.2)
+    slurm.show_progress(list(jobs), tmp_path, before=before, jobs=list(jobs.values()), poll_s=0.2)
     assert slurm.summarize(jobs, tmp_path, before) == {linear.run_id: "ok", lora.run_id: slurm.MISSING}
     assert [p.stem for p in record_files(tmp_path)] == [linear.run_id]
     linear_written = (tmp_path / "records" / f"{linear.run_id}.json").stat().st_mtime_ns

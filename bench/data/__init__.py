@@ -36,7 +36,7 @@ def build_task(
             )
         return build_embedded(name)
     if kind == "vtab" and sub in VTAB_NUM_CLASSES:
-        return build_vtab(sub, data_root, img_size, protocol)
+        return build_vtab(sub, data_root, img_size, protocol=protocol)
     if kind == "fgvc" and sub in FGVC_DATASETS:
         return build_fgvc(sub, data_root, img_size)
     raise ValueError(

@@ -127,6 +127,7 @@ def build_vtab(
     task: str,
     data_root: str | Path | None = None,
     img_size: int | None = None,
+    *,
     protocol: str = "paper",
     mean: tuple[float, ...] = FOLDER_MEAN,
     std: tuple[float, ...] = FOLDER_STD,
@@ -173,6 +174,7 @@ def build_fgvc(
     dataset: str,
     data_root: str | Path | None = None,
     img_size: int | None = None,
+    *,
     mean: tuple[float, ...] = FOLDER_MEAN,
     std: tuple[float, ...] = FOLDER_STD,
 ) -> Task:

@@ -51,7 +51,7 @@ def plot_memory_vs_model_size(estimates: pd.DataFrame, path: Path, methods: list
 
 
 def plot_breakdown(
-    estimates: pd.DataFrame, path: Path, arch: str, batch_size: int, methods: list[str]
+    estimates: pd.DataFrame, path: Path, *, arch: str, batch_size: int, methods: list[str]
 ) -> None:
     """Stacked bars per method: what is live at the peak of one step of ``arch`` at ``batch_size``."""
     rows = estimates[(estimates.arch == arch) & (estimates.batch_size == batch_size)]

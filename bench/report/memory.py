@@ -112,7 +112,13 @@ def render_memory_sweep(record: dict, tables: dict[str, pd.DataFrame], folder: P
     plot_memory_vs_model_size(estimates, folder / "memory_vs_model_size.png", list(METHODS))
     arch, batch = estimates.arch.iloc[0], estimates.batch_size.max()
     slug = arch.lower().replace("-", "_").replace("/", "")
-    plot_breakdown(estimates, folder / f"memory_breakdown_{slug}_b{batch}.png", arch, batch, list(METHODS))
+    plot_breakdown(
+        estimates,
+        folder / f"memory_breakdown_{slug}_b{batch}.png",
+        arch=arch,
+        batch_size=batch,
+        methods=list(METHODS),
+    )
     measured = [frame[frame.device != ESTIMATE_DEVICE]]
     gpu = gpu_check_peaks(Path(record["settings"]["gpu_check"]))
     if gpu is not None:

@@ -91,9 +91,23 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     label_options: tuple[str, ...] | None = None
     """The options named in the row label (None: all); a sweep names only those its grid entry varies."""
+    resolved: Any = field(default=None, compare=False, repr=False)
+    """The method's validated ``snell.TuningConfig``: resolved once, by the sweep parser (or on first use
+    of ``method_config``); not part of the run's identity (it follows from ``method_options``)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        del data["resolved"]
+        return data
+
+    @property
+    def method_config(self) -> Any:
+        """The method's ``snell.TuningConfig`` (resolved once)."""
+        if self.resolved is None:
+            import snell
+
+            object.__setattr__(self, "resolved", snell.method_config(self.method, **self.method_options))
+        return self.resolved
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
@@ -105,7 +119,7 @@ class RunConfig:
     @property
     def label(self) -> str:
         """A short human name for the method with its options, e.g. ``snell-8 piecewise_linear s=0.9``."""
-        return method_label(self.method, self.method_options, self.label_options)
+        return method_label(self.method_config, self.method_options, self.label_options)
 
     @property
     def run_id(self) -> str:
@@ -118,13 +132,11 @@ LABEL_HIDDEN = {"calibration_batches"}
 """Options that change how a method is set up but not what it is: left out of row names."""
 
 
-def method_label(method: str, options: dict[str, Any], named: Sequence[str] | None = None) -> str:
-    """Readable name of a method and its options, e.g. ``snell-8 piecewise_linear s=0.9`` (row names).
-
-    ``named`` limits the options spelled out after rank, kernel and sparsity (default: every option)."""
-    import snell
-
-    resolved = snell.method_config(method, **options).to_dict()
+def method_label(config: Any, options: dict[str, Any], named: Sequence[str] | None = None) -> str:
+    """Readable name of a method config and the options it was made from, e.g. ``snell-8
+    piecewise_linear s=0.9`` (row names). ``named`` limits the options spelled out after rank, kernel and
+    sparsity (default: every option)."""
+    method, resolved = config.method, config.to_dict()
     rank = resolved.get("rank")
     parts = [f"{method}-{rank}" if rank is not None else method]
     if method == "snell":

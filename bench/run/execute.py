@@ -121,7 +121,7 @@ def print_failures(statuses: dict[str, str]) -> None:
 
 
 def claim_and_execute(
-    run_data: dict, results: str, threads: int, progress: bool, retry_failed: bool = False
+    run_data: dict, results: str, *, threads: int, progress: bool, retry_failed: bool = False
 ) -> tuple[str, str]:
     """Worker entry point: (run_id, status); 'skipped' if another process holds the run or has just
     recorded it (checked again after claiming, so a run queued twice executes once)."""

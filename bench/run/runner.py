@@ -21,6 +21,7 @@ from bench.run.sweep import SweepError, load_sweep
 def run_sweep(
     runs: list[RunConfig],
     results: str | Path,
+    *,
     workers: int = 1,
     retry_failed: bool = False,
     progress: bool = True,
@@ -40,14 +41,23 @@ def run_sweep(
     bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress)
     if workers == 1:
         for run in todo:
-            run_id, status = claim_and_execute(run.to_dict(), str(results), threads, progress, retry_failed)
+            run_id, status = claim_and_execute(
+                run.to_dict(), str(results), threads=threads, progress=progress, retry_failed=retry_failed
+            )
             statuses[run_id] = status
             bar.update()
     else:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = [
-                pool.submit(claim_and_execute, r.to_dict(), str(results), threads, False, retry_failed)
+                pool.submit(
+                    claim_and_execute,
+                    r.to_dict(),
+                    str(results),
+                    threads=threads,
+                    progress=False,
+                    retry_failed=retry_failed,
+                )
                 for r in todo
             ]
             for future in as_completed(futures):
@@ -78,7 +88,7 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.executor == "local":
         try:
-            run_sweep(sweep.runs, args.results, args.workers, args.retry_failed)
+            run_sweep(sweep.runs, args.results, workers=args.workers, retry_failed=args.retry_failed)
         except (SweepError, ResultsFolderError) as err:
             sys.exit(str(err))
     elif not slurm.run(sweep, args):

@@ -43,21 +43,30 @@ def run(sweep: Sweep, args: argparse.Namespace) -> bool:
     run_ids = [r.run_id for r in sweep.runs]
     if args.watch:
         print("Ctrl-C stops watching; the jobs keep running")
-        show_progress(run_ids, args.results, {}, None, POLL_S[args.cluster])
+        show_progress(run_ids, args.results, before={}, jobs=None, poll_s=POLL_S[args.cluster])
         return True
     if args.cluster == "slurm" and shutil.which("sbatch") is None:
         sys.exit("no SLURM here (sbatch not found); --cluster local runs the jobs as local processes")
     cli = {k: getattr(args, k) for k in SLURM_KEYS if getattr(args, k, None) is not None}
     settings = {**DEFAULTS, **sweep.slurm, **cli}
     before = record_stamps(run_ids, args.results)
-    jobs = submit(sweep.runs, args.results, settings, args.cluster, args.retry_failed, args.steal_claims)
+    jobs = submit(
+        sweep.runs,
+        args.results,
+        settings,
+        cluster=args.cluster,
+        retry_failed=args.retry_failed,
+        steal=args.steal_claims,
+    )
     if args.no_wait:
         if jobs:
             ids = sorted({job.job_id.split("_")[0] for job in jobs.values()})
             logs = Path(args.results, "slurm_logs")
             print(f"submitted {len(jobs)} job(s) as {', '.join(ids)}; logs in {logs}")
         return False
-    show_progress(list(jobs), args.results, before, list(jobs.values()), POLL_S[args.cluster])
+    show_progress(
+        list(jobs), args.results, before=before, jobs=list(jobs.values()), poll_s=POLL_S[args.cluster]
+    )
     summarize(jobs, args.results, before)
     return True
 
@@ -66,6 +75,7 @@ def submit(
     runs: list[RunConfig],
     results: str | Path,
     settings: dict[str, Any],
+    *,
     cluster: str,
     retry_failed: bool,
     steal: bool,
@@ -127,7 +137,12 @@ def new_records(run_ids: list[str], results: str | Path, before: dict[str, int |
 
 
 def show_progress(
-    run_ids: list[str], results: str | Path, before: dict[str, int | None], jobs: list | None, poll_s: float
+    run_ids: list[str],
+    results: str | Path,
+    *,
+    before: dict[str, int | None],
+    jobs: list | None,
+    poll_s: float,
 ) -> None:
     """A bar over the records written since ``before``, until all are written or every job has ended."""
     with tqdm(total=len(run_ids), desc="records", unit="run") as bar:

@@ -162,14 +162,16 @@ def parse_sweep(data: Any, source: str = "sweep") -> Sweep:
             for values in itertools.product(*option_grid.values()):
                 options = {**option_defaults.get(method, {}), **dict(zip(option_grid, values, strict=True))}
                 try:
-                    snell.method_config(method, **options)
+                    resolved = snell.method_config(method, **options)
                 except (ValueError, TypeError) as err:
                     problems.append(f"{where} ({method} {options}): {err}")
                     continue
                 if train is not None:
                     named = tuple(sorted(option_grid))
                     runs += [
-                        RunConfig(t, method, seed, options, train, named) for t in tasks for seed in seeds
+                        RunConfig(t, method, seed, options, train, named, resolved)
+                        for t in tasks
+                        for seed in seeds
                     ]
     problems = list(dict.fromkeys(problems))  # a bad task repeated over entries is reported once
     if problems:

@@ -62,6 +62,7 @@ def loader(dataset: Dataset, batch_size: int, seed: int | None, cfg: TrainConfig
 
 def make_optimizer(
     model: nn.Module,
+    *,
     lr: float,
     weight_decay: float,
     total_steps: int,
@@ -112,11 +113,10 @@ def build_model(run: RunConfig) -> Model:
     net = create_backbone(
         cfg.backbone, task.num_classes, cfg.checkpoint, cfg.pretrained, drop_path_rate=cfg.drop_path_rate
     ).to(device)
-    method_config = snell.method_config(run.method, **run.method_options)
     calibration = (
         (x.to(device), y.to(device)) for x, y in loader(task.train, cfg.batch_size, run.seed + 10_000, cfg)
     )
-    snell.apply_method(net, method_config, calibration=calibration)
+    snell.apply_method(net, run.method_config, calibration=calibration)
     return Model(net.to(device), task, device, net.tuning_config)
 
 
@@ -133,7 +133,13 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
     warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
     warmup_lr = cfg.lr * 1e-3 if cfg.warmup_lr is None else cfg.warmup_lr
     optimizer, scheduler = make_optimizer(
-        net, cfg.lr, cfg.weight_decay, total_steps, warmup_steps, warmup_lr=warmup_lr, min_lr=cfg.min_lr
+        net,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        warmup_lr=warmup_lr,
+        min_lr=cfg.min_lr,
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
