@@ -27,7 +27,9 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.func import functional_call
 
-from .kernels import Kernel, init_factor_
+import snell.fused as fused
+
+from .kernels import Kernel, PiecewiseLinearKernel, init_factor_
 from .sparsify import apply_rule, rule_vjp, threshold
 from .wrap import AdaptedLinear, branch_drop_path, branch_dropout
 
@@ -40,22 +42,29 @@ On a CPU, 2 MiB blocks cost no time (the matmuls stay compute-bound); on a GPU e
 with 2**22). Other devices use the CUDA size."""
 
 
-_blocks_as: str | None = None
+_code_path: str | None = None
 
 
 @contextmanager
-def blocks_as(device_type: str) -> Iterator[None]:
-    """Split dW into the blocks of ``device_type`` whatever device the tensors are on.
+def code_path(device_type: str) -> Iterator[None]:
+    """Run SNELL's code path for ``device_type`` whatever device the tensors are on: its block size, its
+    threshold route and, for "cuda", the fused Triton ops (``snell.fused``) where they apply.
 
-    Memory estimates of a GPU step run on fake CPU tensors; inside this context their backward uses the
-    GPU's block size, so that the estimated temporaries (and the time to estimate) follow the GPU's.
+    Memory estimates of a GPU step run on fake CPU tensors: inside this context they follow the GPU's
+    code (the fused ops' fake implementations, the GPU's blocks), so that the estimated temporaries are
+    the GPU's. Tests run the CUDA path on CPU tensors this way, in Triton's interpreter.
     """
-    global _blocks_as
-    previous, _blocks_as = _blocks_as, device_type
+    global _code_path
+    previous, _code_path = _code_path, device_type
     try:
         yield
     finally:
-        _blocks_as = previous
+        _code_path = previous
+
+
+def device_type_of(device: torch.device) -> str:
+    """The device type whose code path runs for tensors on ``device`` (see ``code_path``)."""
+    return _code_path or device.type
 
 
 def _split(start: int, stop: int, size: int) -> list[slice]:
@@ -67,15 +76,18 @@ def _split(start: int, stop: int, size: int) -> list[slice]:
 
 
 def weight_blocks(
-    out_features: int, in_features: int, groups: int, device: torch.device
+    out_features: int, in_features: int, groups: int, device: torch.device, *, fused: bool = False
 ) -> list[tuple[slice, slice, slice]]:
     """(rows, columns, threshold groups) of the blocks of dW that backward works on.
 
     The longer side is split, so that blocks stay wide enough for efficient matmuls; column blocks span
     every row (``rows`` is ``slice(None)``: every group), row blocks stay inside one threshold group.
+    ``fused``: one block, the whole matrix (the fused ops keep no block-sized temporaries).
     """
-    entries = BLOCK_ENTRIES.get(_blocks_as or device.type, BLOCK_ENTRIES["cuda"])
     everything = slice(None)
+    if fused:  # the fused ops compute dW on the fly: no block-sized temporaries to bound
+        return [(everything, everything, everything)]
+    entries = BLOCK_ENTRIES.get(device_type_of(device), BLOCK_ENTRIES["cuda"])
     if in_features >= out_features or out_features * in_features <= entries:
         return [(everything, cols, everything) for cols in _split(0, in_features, entries // out_features)]
     per_group = out_features // groups
@@ -121,6 +133,11 @@ def parts(layer: SnellLinear, keep: Tensor | None, device: torch.device) -> list
     return found
 
 
+def keep_all(found: list[Part]) -> bool:
+    """Whether the parts are the one part of every row and every sample (no drop-path split)."""
+    return len(found) == 1 and found[0].kept is None
+
+
 def branch_scale(layer: SnellLinear, keep: Tensor, like: Tensor) -> Tensor:
     """The drop-path multipliers (0 or 1 / (1 - p)) of a branch's output: (samples, 1, ..., groups, 1)."""
     scale = keep.to(like.dtype).div_(1.0 - layer.drop_path.p)
@@ -159,15 +176,14 @@ class KernelSparseLinearFn(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, branch_x, weight, bias, a, b, layer: SnellLinear, keep, *kernel_params):
+        merged = branch_x is None
         with torch.no_grad():
-            dw = layer.blockwise_update(a, b, kernel_params)
-            t = threshold(dw, layer.sparsity, layer.groups)
-            update = apply_rule(dw, t, layer.rule, inplace=True)
-            merged = branch_x is None
+            one_matmul = merged and keep is None
+            t, update = layer.sparse_update(a, b, kernel_params, weight if one_matmul else None)
             found = parts(layer, keep if merged else None, x.device)
             scale = None if merged or keep is None else branch_scale(layer, keep, x)
-            if merged and keep is None:
-                y = F.linear(x, update.add_(weight).to(x.dtype), bias)
+            if one_matmul:
+                y = F.linear(x, update.to(x.dtype), bias)
             elif merged:
                 y = x.new_empty(*x.shape[:-1], layer.out_features)
                 for part in found:
@@ -195,8 +211,11 @@ class KernelSparseLinearFn(torch.autograd.Function):
         layer: SnellLinear = ctx.layer
         needs = ctx.needs_input_grad
         wants = needs[4:6] + needs[8:]  # a, b, then the kernel's parameters
+        blocks = weight_blocks(b.shape[0], layer.in_features, layer.groups, b.device, fused=layer.fused(b))
+        single = len(blocks) == 1  # block gradients are the gradients: nothing to accumulate
         grads = [
-            torch.zeros_like(p) if n else None for p, n in zip((a, b, *kernel_params), wants, strict=True)
+            torch.zeros_like(p) if n and not single else None
+            for p, n in zip((a, b, *kernel_params), wants, strict=True)
         ]
         merged = branch_x is None
         # Under autocast g may be half precision while x is not: multiply in g's dtype, as autocast would.
@@ -204,10 +223,11 @@ class KernelSparseLinearFn(torch.autograd.Function):
         if scale is not None:  # the branch's drop-path, on its output gradient
             g = (g.unflatten(-1, (layer.groups, -1)) * scale).flatten(-2)
         source = (x if merged else branch_x).to(g.dtype)
-        grad_x = torch.zeros_like(source) if merged and needs[0] else None  # accumulated block by block
-        grad_branch = torch.zeros_like(source) if not merged and needs[1] else None
+        whole = single and keep_all(ctx.parts)  # else input gradients accumulate block by block
+        grad_x = torch.zeros_like(source) if merged and needs[0] and not whole else None
+        grad_branch = torch.zeros_like(source) if not merged and needs[1] and not whole else None
         rows_total = layer.out_features
-        for rows, cols, groups in weight_blocks(b.shape[0], layer.in_features, layer.groups, b.device):
+        for rows, cols, groups in blocks:
             overlaps = [(part, *o) for part in ctx.parts if (o := _overlap(rows, part, rows_total))]
             grad_update = g.new_empty(_length(rows, rows_total), _length(cols, layer.in_features))
             for part, absolute, local in overlaps:
@@ -216,25 +236,38 @@ class KernelSparseLinearFn(torch.autograd.Function):
                 if part.scale != 1.0:
                     grad_update[local].mul_(part.scale)
             t_block = None if t is None else t[groups]
-            blocks = layer.a_block(a, rows, cols), layer.b_block(b, rows)
+            factors = layer.a_block(a, rows, cols), layer.b_block(b, rows)
+            one_matmul = merged and overlaps[0][0].kept is None  # W0 + S for every sample
             update, block_grads = layer.update_vjp(
-                *blocks, kernel_params, t_block, grad_update.to(a.dtype), wants
+                *factors,
+                kernel_params,
+                t_block,
+                grad_update.to(a.dtype),
+                wants,
+                add=weight[rows, cols] if one_matmul else None,
             )
             for i, grad in enumerate(block_grads):
                 if grad is None:
                     continue
-                if i == 0:  # a, b: the rows of their block
+                if single:
+                    grads[i] = grad.reshape((a, b, *kernel_params)[i].shape)
+                elif i == 0:  # a, b: the rows of their block
                     layer.a_block(grads[0], rows, cols).add_(grad)
                 elif i == 1:
                     layer.b_block(grads[1], rows).add_(grad)
                 else:
                     grads[i].add_(grad)
+            if whole:  # one block, every sample: the input gradient is one matmul
+                if needs[0 if merged else 1]:
+                    input_grad = (g.reshape(-1, g.shape[-1]) @ update.to(g.dtype)).view(source.shape)
+                    grad_x, grad_branch = (input_grad, None) if merged else (grad_x, input_grad)
+                continue
             target = grad_x if merged else grad_branch
             if target is None:
                 continue
             for part, absolute, local in overlaps:
-                kept_weight = update[local].mul_(part.scale)
-                if merged:
+                kept_weight = update[local] if part.scale == 1.0 else update[local].mul_(part.scale)
+                if merged and not one_matmul:
                     kept_weight.add_(weight[absolute, cols])
                 _accumulate(
                     target, part.kept, cols, _samples(g, part.kept, absolute), kept_weight.to(g.dtype)
@@ -333,12 +366,69 @@ class SnellLinear(AdaptedLinear):
             dw = self.kernel(a, b)
         return dw.reshape(-1, a.shape[-2])
 
+    def fused(self, like: Tensor) -> bool:
+        """Whether this layer runs the fused Triton ops (``snell.fused``) for factors like ``like``: the
+        piecewise-linear kernel with fixed coefficients, on the CUDA code path, where the ops run (CUDA
+        with Triton, the fake tensors of a memory estimate, CPU tensors in Triton's interpreter)."""
+        fixed_piecewise = isinstance(self.kernel, PiecewiseLinearKernel) and not self._kernel_names
+        if not fixed_piecewise or device_type_of(like.device) != "cuda":
+            return False
+        return is_fake(like) or fused.available(like.device)
+
+    def _fused_update(self, a: Tensor, b: Tensor, t: Tensor | None, add: Tensor | None) -> Tensor:
+        """S(dW) (+ ``add``) of the whole matrix from the fused op, dW computed on the fly."""
+        a3 = a.view(self.factor_groups, self.in_features, -1)
+        return fused.update(a3, b, self.kernel.coefficients, t, add, 1.0, fused.RULE_IDS[self.rule], False)
+
+    @torch.no_grad()
+    def sparse_update(
+        self, a: Tensor, b: Tensor, kernel_params, add: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor]:
+        """The thresholds t and S(dW) (+ ``add``, the frozen weight of the one-matmul form), a fresh
+        out x in tensor: the forward pass's update."""
+        a, b = a.detach(), b.detach()  # views of a parameter made under no_grad would still require grad
+        if self.fused(b):
+            t = None
+            if self.sparsity > 0:  # |dW| for the threshold, freed before the update is written
+                a3 = a.view(self.factor_groups, self.in_features, -1)
+                rule = fused.RULE_IDS[self.rule]
+                magnitude = fused.update(a3, b, self.kernel.coefficients, None, None, 1.0, rule, True)
+                t = threshold(magnitude, self.sparsity, self.groups, magnitude=True, device_type="cuda")
+                del magnitude
+            return t, self._fused_update(a, b, t, add)
+        dw = self.blockwise_update(a, b, kernel_params)
+        t = threshold(dw, self.sparsity, self.groups, device_type=device_type_of(b.device))
+        update = apply_rule(dw, t, self.rule, inplace=True)
+        return t, update if add is None else update.add_(add)
+
     def update_vjp(
-        self, a: Tensor, b: Tensor, kernel_params, t: Tensor | None, grad: Tensor, wants: tuple[bool, ...]
+        self,
+        a: Tensor,
+        b: Tensor,
+        kernel_params,
+        t: Tensor | None,
+        grad: Tensor,
+        wants: tuple[bool, ...],
+        *,
+        add: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor | None]]:
-        """S(dW) of one block (a fresh tensor) and the gradients of a, b and the kernel's parameters that
-        ``wants`` asks for, given ``grad`` reaching S: in closed form where the kernel has one (no
-        autograd graph, a few block-sized temporaries), else by autograd through ``kernel_update``."""
+        """S(dW) of one block (+ ``add``; a fresh tensor) and the gradients of a, b and the kernel's
+        parameters that ``wants`` asks for, given ``grad`` reaching S: from the fused ops on the CUDA
+        path, in closed form where the kernel has one (no autograd graph, a few block-sized
+        temporaries), else by autograd through ``kernel_update``."""
+        if self.fused(b):
+            b2 = b.reshape(-1, b.shape[-1])
+            a3 = a.reshape(self.factor_groups, self.in_features, -1)
+            found = [None, None]
+            if any(wants):
+                rule = fused.RULE_IDS[self.rule]
+                found = list(fused.vjp(a3, b2, self.kernel.coefficients, t, grad, rule))
+            update = self._fused_update(a, b2, t, add)
+            return update, [grad if want else None for grad, want in zip(found, wants[:2], strict=True)]
+        update, grads = self._update_vjp(a, b, kernel_params, t, grad, wants)
+        return update if add is None else update.add_(add), grads
+
+    def _update_vjp(self, a, b, kernel_params, t, grad, wants) -> tuple[Tensor, list[Tensor | None]]:
         if not any(wants):
             with torch.no_grad():
                 return apply_rule(self.kernel_update(a, b, kernel_params), t, self.rule).clone(), []
@@ -395,6 +485,8 @@ class SnellLinear(AdaptedLinear):
             return self.base(x) + self.drop_path(F.linear(self.dropout(x), update))
         branch_x = self.dropout(x) if dropout else None  # the public code's order of random draws
         keep = self.drop_path.draw(x.shape[0]) if drop_path else None
+        if keep is not None and branch_x is None and device_type_of(x.device) == "cuda":
+            branch_x = x  # on a GPU a batch split costs more launches than the branch's FLOPs
         params = [p for _, p in self.kernel.named_parameters()]
         weight, bias = self.base.weight, self.base.bias
         return KernelSparseLinearFn.apply(

@@ -29,7 +29,9 @@ def check_sparsity(sparsity: float) -> None:
 
 
 @torch.no_grad()
-def threshold(dw: Tensor, sparsity: float, groups: int = 1) -> Tensor | None:
+def threshold(
+    dw: Tensor, sparsity: float, groups: int = 1, *, magnitude: bool = False, device_type: str | None = None
+) -> Tensor | None:
     """Per-group magnitude threshold t: entries with |dW| > t are kept. Shape (groups,); None at s = 0.
 
     ``groups`` splits dW's rows into equal blocks with their own threshold (q, k, v of a fused qkv).
@@ -38,19 +40,23 @@ def threshold(dw: Tensor, sparsity: float, groups: int = 1) -> Tensor | None:
     ``torch.lerp`` between them. So t, and the kept entries, are bit-identical to quantile's (tested on
     hundreds of random shapes; 11 entries at s = 0.9 keep 2, since float32(0.9) * 10 < 9), at any size
     (quantile refuses more than 2**24 entries; the same formula applies there) and without a sort.
-    s = 0 means no sparsification: no threshold (None).
+    s = 0 means no sparsification: no threshold (None). ``magnitude``: ``dw`` holds |dW| already (it may
+    be reordered in place). ``device_type`` picks the selection route (default: the tensor's device).
     """
     if sparsity == 0:
         return None
-    magnitude = dw.detach().reshape(groups, -1).abs().float()
-    last = magnitude.shape[1] - 1
+    values = dw.detach().reshape(groups, -1)
+    values = values.float() if magnitude else values.abs().float()
+    last = values.shape[1] - 1
     rank = float(np.float32(sparsity)) * last
     below, above = math.floor(rank), min(math.ceil(rank), last)
-    lower, upper = order_statistics_(magnitude, (below, above))
+    lower, upper = order_statistics_(values, (below, above), device_type=device_type)
     return torch.lerp(lower, upper, rank - below).to(dw.dtype)
 
 
-def order_statistics_(rows: Tensor, indices: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def order_statistics_(
+    rows: Tensor, indices: tuple[int, int], *, device_type: str | None = None
+) -> tuple[Tensor, Tensor]:
     """The values of each row of a 2-D tensor at two 0-based positions ``(k, k)`` or ``(k, k + 1)`` of
     its sorted order: what a quantile interpolates between.
 
@@ -58,12 +64,13 @@ def order_statistics_(rows: Tensor, indices: tuple[int, int]) -> tuple[Tensor, T
     value above it: 0.9 ms for 590K entries, where a partition at both positions takes 9 ms and
     ``torch.kthvalue`` 12 ms (one thread, measured). On CUDA ``torch.topk(N - k, sorted=False)``, a
     multi-block radix select without a sort's index payload (``torch.kthvalue`` gives each row one thread
-    block there). Tensor subclasses such as the fake tensors of memory estimates use the same topk.
+    block there). Tensor subclasses such as the fake tensors of memory estimates use the same topk, and
+    so does ``device_type="cuda"`` on CPU tensors (the CUDA route, tested on a CPU).
     """
     low, high = indices
     if high - low not in (0, 1):
         raise ValueError(f"order statistics at {indices}: the second must equal the first or follow it")
-    if type(rows) is Tensor and rows.device.type == "cpu":
+    if type(rows) is Tensor and rows.device.type == "cpu" and device_type in (None, "cpu"):
         values = rows.numpy()
         values.partition(low, axis=1)
         lower = torch.from_numpy(values[:, low].copy())

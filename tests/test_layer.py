@@ -9,7 +9,7 @@ from torch import nn
 
 import snell
 from snell.kernels import build_kernel
-from snell.layer import SnellLinear, blocks_as, weight_blocks
+from snell.layer import SnellLinear, code_path, weight_blocks
 
 
 def make_layer(kernel="piecewise_linear", sparsity=0.9, rule="public", groups=1, **kw) -> SnellLinear:
@@ -142,11 +142,11 @@ def test_branch_dropout_keeps_a_one_byte_mask(method):
     assert input_sized == ["torch.bool", "torch.float32"]
 
 
-def test_blocks_as_uses_another_device_types_block_size():
+def test_code_path_uses_another_device_types_block_size():
     cpu = torch.device("cpu")
     shape = (1280, 5120)  # ViT-H fc1: 6.5M entries, about 12 CPU blocks (2**19) or 2 CUDA blocks (2**22)
     on_cpu = weight_blocks(*shape, 1, cpu)
-    with blocks_as("cuda"):
+    with code_path("cuda"):
         as_cuda = weight_blocks(*shape, 1, cpu)
     assert len(on_cpu) >= 12 and len(as_cuda) == 2
     assert weight_blocks(*shape, 1, cpu) == on_cpu  # restored on exit

@@ -32,9 +32,10 @@ _cache: dict[tuple, MemoryEstimate] = {}
 
 
 def estimate(name: str, precision: str = "fp32") -> MemoryEstimate:
-    """Estimates of one batch-16 step of SMALL, each made once per test session."""
+    """Estimates of one batch-16 step of SMALL on the CPU's code path (to compare with a real CPU step),
+    each made once per test session."""
     if (name, precision) not in _cache:
-        _cache[name, precision] = step_memory(SMALL, CONFIGS[name], 16, precision)
+        _cache[name, precision] = step_memory(SMALL, CONFIGS[name], 16, precision, code_path_of="cpu")
     return _cache[name, precision]
 
 

@@ -36,7 +36,7 @@ from bench import step
 from bench.arguments import parse
 from bench.backbones import create_backbone
 from bench.run.measure import MIB, StepMemoryTracker, peak_breakdown
-from snell.layer import blocks_as
+from snell.layer import code_path
 from snell.wrap import find_linear_targets
 
 ESTIMATE_DEVICE = "estimate: fake tensors on CPU"
@@ -155,13 +155,13 @@ def step_memory(
     img_size: int | None = None,
     num_classes: int = 100,
     measure_on: str | None = None,
-    blocks: str = "cuda",
+    code_path_of: str = "cuda",
 ) -> MemoryEstimate:
     """Peak memory of one training step of timm ``model_name`` tuned by ``config``.
 
     By default an estimate that allocates no tensor data (a ViT-B/16 estimate needs well under 1 GB of
-    real memory); ``blocks`` is the device type whose block size SNELL's backward uses
-    (``snell.layer.BLOCK_ENTRIES``). ``measure_on="cpu"`` or ``"cuda"`` runs the same step on real tensors
+    real memory) of the step as it runs on ``code_path_of`` (SNELL's layer follows that device type's
+    code: ``snell.layer.code_path``). ``measure_on="cpu"`` or ``"cuda"`` runs the same step on real tensors
     instead and returns the allocator's peak tensor bytes (CPU: from torch.profiler's allocation events,
     plus what was live before; CUDA: ``torch.cuda.max_memory_allocated``): for small models, or on a GPU.
     ``img_size`` overrides the model's input size.
@@ -175,7 +175,7 @@ def step_memory(
         return _result(setup, model_name, batch_size, precision, peak, {}, name)
     model = _backbone(model_name, img_size, num_classes, "meta")
     # the meta-device model is the fake mode's only real input
-    with FakeTensorMode(allow_non_fake_inputs=True), blocks_as(blocks):
+    with FakeTensorMode(allow_non_fake_inputs=True), code_path(code_path_of):
         setup = _setup(model.to_empty(device="cpu"), config, img_size)
         tracker = StepMemoryTracker()
         tracker.track_external(setup.model, setup.optimizer)

@@ -1,0 +1,119 @@
+"""Fused ops for SNELL's piecewise-linear kernel on CUDA: dW is computed on the fly from the factors,
+never kept (``torch.library`` custom ops, with fake implementations for memory estimates and
+``torch.compile``).
+
+- ``update(a, b, coef, t, weight, scale, rule, magnitude)``: |dW| (for the threshold), or
+  (W0 +) scale * S(dW): one Triton launch over 2-D tiles.
+- ``vjp(a, b, coef, t, grad, rule)``: the gradients of a and b from the gradient reaching S, in closed
+  form: one launch writing per-tile partial sums, then one sum per factor (a deterministic two-stage
+  reduction: no atomics, so reruns agree to the bit).
+
+A forward pass reads |dW| from ``update(..., magnitude=True)`` for the threshold and frees it before
+the merge writes W0 + S: at most one out x in temporary per layer; backward recomputes dW inside the
+kernels. Triton is optional: the ops run on CUDA tensors when it imports, and on CPU tensors when
+``TRITON_INTERPRET=1`` was set before it was imported (how the tests run them); their fake
+implementations need no Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+RULE_IDS = {"public": 0, "eq5": 1, "hard": 2}
+"""``snell.sparsify.RULES`` as the kernels number them."""
+BI = 64
+"""Columns per tile."""
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def available(device: torch.device) -> bool:
+    """Whether the ops run on ``device``: CUDA with Triton, or the CPU in Triton's interpreter."""
+    if not _triton_imports():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _row_tile(out_features: int, units: int) -> int:
+    """Rows per tile: the largest power of two up to 64 that divides the rows of one factor or
+    threshold group, so that no tile spans two."""
+    rows = out_features // units
+    tile = 64
+    while rows % tile:
+        tile //= 2
+    return tile
+
+
+def _launch(a: Tensor, b: Tensor, t: Tensor | None) -> tuple[int, int, int, int, int]:
+    """(rows per factor group, rows per threshold group, BJ, grid rows, grid columns)."""
+    factors, groups = a.shape[0], 1 if t is None else t.numel()
+    out_features, in_features = b.shape[0], a.shape[1]
+    tile = _row_tile(out_features, max(factors, groups))
+    return out_features // factors, out_features // groups, tile, out_features // tile, -(-in_features // BI)
+
+
+@torch.library.custom_op("snell::update", mutates_args=())
+def update(
+    a: Tensor,
+    b: Tensor,
+    coef: Tensor,
+    t: Tensor | None,
+    weight: Tensor | None,
+    scale: float,
+    rule: int,
+    magnitude: bool,
+) -> Tensor:
+    """|dW| (``magnitude``), else (``weight`` +) ``scale`` * S(dW) (S = dW where t is None): (out, in)
+    float32, for a (F, in, r), b (out, r), coef (P,), t (groups,) thresholds."""
+    from snell._fused_kernels import update_kernel
+
+    a, b, coef = a.contiguous().float(), b.contiguous().float(), coef.contiguous().float()
+    rows_per_factor, rows_per_group, tile, grid_j, grid_i = _launch(a, b, t)
+    out = torch.empty(b.shape[0], a.shape[1], device=b.device, dtype=torch.float32)
+    update_kernel[(grid_j, grid_i)](
+        a, b, coef, coef if t is None else t.contiguous().float(),
+        out if weight is None else weight.contiguous(), out,
+        b.shape[0], a.shape[1], rows_per_factor, rows_per_group, float(scale),
+        R=a.shape[2], P=coef.numel(), RULE=rule, HAS_T=t is not None, HAS_W=weight is not None,
+        MAGNITUDE=magnitude, BJ=tile, BI=BI,
+    )  # fmt: skip
+    return out
+
+
+@update.register_fake
+def _(a, b, coef, t, weight, scale, rule, magnitude):
+    return b.new_empty(b.shape[0], a.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("snell::vjp", mutates_args=())
+def vjp(
+    a: Tensor, b: Tensor, coef: Tensor, t: Tensor | None, grad: Tensor, rule: int
+) -> tuple[Tensor, Tensor]:
+    """(grad of a, grad of b), float32, from ``grad`` (out, in), the gradient reaching S(dW)."""
+    from snell._fused_kernels import vjp_kernel
+
+    a, b, coef = a.contiguous().float(), b.contiguous().float(), coef.contiguous().float()
+    rows_per_factor, rows_per_group, tile, grid_j, grid_i = _launch(a, b, t)
+    part_a = torch.zeros(grid_j, a.shape[0] * a.shape[1], a.shape[2], device=a.device, dtype=torch.float32)
+    part_b = torch.empty(grid_i, *b.shape, device=b.device, dtype=torch.float32)
+    vjp_kernel[(grid_j, grid_i)](
+        a, b, coef, coef if t is None else t.contiguous().float(), grad.contiguous().float(), part_a, part_b,
+        b.shape[0], a.shape[1], rows_per_factor, rows_per_group, a.shape[0] * a.shape[1],
+        R=a.shape[2], P=coef.numel(), RULE=rule, HAS_T=t is not None, BJ=tile, BI=BI,
+    )  # fmt: skip
+    return part_a.sum(0).view(a.shape), part_b.sum(0)
+
+
+@vjp.register_fake
+def _(a, b, coef, t, grad, rule):
+    return a.new_empty(a.shape, dtype=torch.float32), b.new_empty(b.shape, dtype=torch.float32)
