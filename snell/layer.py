@@ -1,13 +1,19 @@
 """The SNELL linear layer: y = x (W0 + S(kappa(A, B)))^T, with dW never kept alive for backward.
 
-``KernelSparseLinearFn`` is a custom autograd function that saves only the input, the factors, the
+``KernelSparseLinearFn`` is a custom autograd function that saves only the inputs, the factors, the
 kernel's parameters and the per-group threshold. Backward recomputes dW block by block (a few blocks,
 see ``weight_blocks``), and for each block of S = S(kappa(A, B)):
-  grad_S = g^T x,   (grad_A, grad_B) += vjp of S at grad_S,   grad_x += g (W0 + S).
-One matmul with the merged weight replaces LoRA-style parallel branches; with branch dropout or
-drop-path active in training, the same function computes only the branch (``weight=None``).
+  grad_S = g^T x,   (grad_A, grad_B) = vjp of S at grad_S,   grad_x += g (W0 + S).
+The vjp is in closed form for the piecewise-linear kernel (``Kernel.closed_form``), autograd otherwise.
+Without branch dropout one matmul with the merged weight replaces LoRA-style parallel branches, drop-path
+included (the batch split per q/k/v group: kept samples use W0 + S / (1 - p)); with branch dropout the
+frozen matmul and the branch (its output scaled by the drop-path draws) run in the same function.
 The threshold is a selection, not a sort (``snell.sparsify.threshold``); at sparsity 0 there is none and
 S(dW) = dW (the public code's kernelized LoRA).
+
+On the CUDA code path (``code_path``) the piecewise-linear kernel with fixed coefficients runs the fused
+Triton ops of ``snell.fused`` instead: |dW| for the threshold, W0 + S and the vjp computed from the
+factors tile by tile, the whole matrix as one block, about 11 ops per layer for forward and backward.
 
 A fused qkv holds q, k and v as ``groups`` = 3 blocks of output rows, each with its own threshold and
 drop-path; with ``shared_a=False`` (the public code's layout) each also has its own A: ``lora_A`` stacks
@@ -170,7 +176,7 @@ class KernelSparseLinearFn(torch.autograd.Function):
     ``branch_x`` None (no branch dropout): the one-matmul form, y = x (W0 + drop_path(S))^T, where
     drop-path splits the batch: samples that keep a group's branch use W0 + S / (1 - p) for its rows,
     the others W0. With ``branch_x`` (the dropped input) the frozen matmul runs on x and the branch on
-    the kept samples of ``branch_x`` only. ``keep``: (samples, groups) drop-path draws or None.
+    ``branch_x``, its output scaled by the drop-path draws. ``keep``: (samples, groups) draws or None.
     """
 
     @staticmethod

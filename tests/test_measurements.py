@@ -4,10 +4,15 @@ reports render from the records alone (``python -m bench report``), byte for byt
 from __future__ import annotations
 
 import json
+import shutil
+
+import pytest
 
 from bench.perf import gpu_check, step_bench
 from bench.report.build import main as report_command
+from bench.report.measurements import render_folder
 from bench.run.config import EMBEDDED_BACKBONE
+from tests.harness import REPO
 
 
 def test_gpu_check_script_runs_on_a_cpu_and_its_report_renders_from_the_record(tmp_path):
@@ -41,3 +46,14 @@ def test_step_benchmark_compares_like_for_like_and_with_the_floor(tmp_path):
     assert floor["off"]["peak_mib"] is None and floor["paper"]["step_s"] > 0
     text = (tmp_path / "perf_step.md").read_text()
     assert "| time snell-8 / lora-8 " in text and "branch paper" in text
+
+
+@pytest.mark.parametrize("folder", ["perf", "memory"])
+def test_committed_reports_render_from_their_records_byte_for_byte(tmp_path, folder):
+    committed = REPO / "results" / folder
+    for record in committed.glob("*.json"):
+        shutil.copy(record, tmp_path / record.name)
+    written = render_folder(tmp_path)
+    assert written, f"no measurement record in {committed}"
+    for path in written:
+        assert path.read_bytes() == (committed / path.name).read_bytes(), path.name

@@ -80,7 +80,10 @@ def render_perf_step(record: dict, tables: dict[str, pd.DataFrame], folder: Path
         "(not estimated in this run)"
         if vit_b16 is None
         else markdown_table(
-            vit_b16.pivot_table(index=["batch", "branch"], columns="variant", values="peak_mib")
+            vit_b16.pivot_table(
+                index=["batch", "branch"], columns="variant", values="peak_mib"
+            ).reset_index(),
+            False,
         )
     )
     return fields
