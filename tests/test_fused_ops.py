@@ -1,6 +1,7 @@
-"""The fused ops of ``snell.fused`` (Triton, run on CPU tensors in Triton's interpreter in a
-subprocess) against an independent torch implementation: the distances computed directly, the rules
-written out, gradients by autograd in float64."""
+"""The fused ops of ``snell.fused`` against an independent torch implementation (the distances computed
+directly, the rules written out, gradients by autograd in float64): on CPU tensors in Triton's
+interpreter (in a subprocess: the interpreter is chosen when triton is imported), and on a GPU if there is
+one (the check to run on a lent device)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tests.harness import REPO
 SCRIPT = r"""
 import itertools, json, sys
 import torch
+DEVICE = sys.argv[1]
 from snell import fused
 from snell.sparsify import threshold
 
@@ -63,19 +65,21 @@ for F, G, r, P, rule, sparse, with_weight in itertools.product((1, 3), (1, 3), (
     b = torch.randn(out, r, generator=generator) * 0.5
     coef = torch.tensor([0.1 * (-1) ** p for p in range(P)])
     dw = reference_dw(a.double(), b.double(), coef).float()
-    magnitude = fused.update(a, b, coef, None, None, 1.0, rule, True)
+    on = lambda tensor: None if tensor is None else tensor.to(DEVICE)
+    magnitude = fused.update(on(a), on(b), on(coef), None, None, 1.0, rule, True)
     t = threshold(magnitude.clone(), 0.5, G, magnitude=True) if sparse else None
+    magnitude, t = magnitude.cpu(), None if t is None else t.cpu()
     t_reference = torch.quantile(magnitude.view(G, -1), 0.5, dim=1) if sparse else None
     weight = torch.randn(out, n_in, generator=generator) if with_weight else None
-    merged = fused.update(a, b, coef, t, weight, 1.5, rule, False)
+    merged = fused.update(on(a), on(b), on(coef), on(t), on(weight), 1.5, rule, False).cpu()
     expected = 1.5 * reference_rule(dw.double(), t if t is None else t.double(), rule)
     expected = expected + (0 if weight is None else weight.double())
     grad = torch.randn(out, n_in, generator=generator)
     a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
     s64 = reference_rule(reference_dw(a64, b64, coef.double()), None if t is None else t.double(), rule)
     grad_a, grad_b = torch.autograd.grad(s64, [a64, b64], grad.double())
-    got_a, got_b = fused.vjp(a, b, coef, t, grad, rule)
-    again_a, again_b = fused.vjp(a, b, coef, t, grad, rule)
+    got_a, got_b = (g.cpu() for g in fused.vjp(on(a), on(b), on(coef), on(t), on(grad), rule))
+    again_a, again_b = (g.cpu() for g in fused.vjp(on(a), on(b), on(coef), on(t), on(grad), rule))
     results.append({
         "case": f"F={F} G={G} r={r} P={P} rule={rule} t={sparse} weight={with_weight}",
         "magnitude": rel(magnitude.double(), dw.abs().double()),
@@ -88,12 +92,15 @@ json.dump(results, sys.stdout)
 """
 
 
-@pytest.fixture(scope="module")
-def results() -> list[dict]:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+@pytest.fixture(scope="module", params=["cpu", "cuda"])
+def results(request) -> list[dict]:
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU: the interpreter run on the CPU checks the same kernels")
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if request.param == "cpu" else dict(os.environ)
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
-    )
+        [sys.executable, "-c", SCRIPT, request.param], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
