@@ -1,5 +1,7 @@
 """Triton kernels of ``snell.fused`` (imported only when they run: Triton is optional).
 
+Distances use ``tl.sqrt_rn`` (correctly rounded, as torch's sqrt; ``tl.sqrt`` is approximate on GPUs).
+
 Every kernel computes dW of its tile from the factors with ``_dw_tile`` (one shared function, so |dW|
 for the threshold, the merged weight and the gradient agree to the bit); none reads or writes a dW.
 Layout: a (F, in, R) contiguous, b (out, R); row j of dW uses factor group j // rows_per_factor and
@@ -28,7 +30,7 @@ def _dw_tile(a_ptr, b_ptr, coef_ptr, offs_j, offs_i, mask_j, mask_i, R: tl.const
     """dW = sum_p c_p ||a_p[i] - b_p[j]|| of one tile, the distances computed directly."""
     dw = tl.zeros((offs_j.shape[0], offs_i.shape[0]), dtype=tl.float32)
     for p in tl.static_range(P):
-        dist = tl.sqrt(_pieces_sq(a_ptr, b_ptr, offs_j, offs_i, mask_j, mask_i, p, R, R // P))
+        dist = tl.sqrt_rn(_pieces_sq(a_ptr, b_ptr, offs_j, offs_i, mask_j, mask_i, p, R, R // P))
         dw += tl.load(coef_ptr + p) * dist
     return dw
 
@@ -105,7 +107,7 @@ def vjp_kernel(
     factor_row = ((pid_j * BJ) // rows_per_factor) * in_features
     WIDTH: tl.constexpr = R // P
     for p in tl.static_range(P):
-        dist = tl.sqrt(_pieces_sq(a_f, b_ptr, offs_j, offs_i, mask_j, mask_i, p, R, WIDTH))
+        dist = tl.sqrt_rn(_pieces_sq(a_f, b_ptr, offs_j, offs_i, mask_j, mask_i, p, R, WIDTH))
         h = tl.where(dist > 0, tl.load(coef_ptr + p) * grad / dist, 0.0)
         for k in tl.static_range(WIDTH):
             col = p * WIDTH + k

@@ -44,11 +44,15 @@ def available(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _row_tile(out_features: int, units: int) -> int:
-    """Rows per tile: the largest power of two up to 64 that divides the rows of one factor or
-    threshold group, so that no tile spans two."""
+NUM_WARPS = 8
+"""Warps per tile program: with 4, the vjp kernel's tile spills registers at r = 8 (ptxas, sm_90)."""
+
+
+def _row_tile(out_features: int, units: int, rank: int) -> int:
+    """Rows per tile: the largest power of two up to min(64, 512 / r) (larger tiles spill registers)
+    that divides the rows of one factor or threshold group, so that no tile spans two."""
     rows = out_features // units
-    tile = 64
+    tile = max(1, min(64, 512 // rank))
     while rows % tile:
         tile //= 2
     return tile
@@ -58,7 +62,7 @@ def _launch(a: Tensor, b: Tensor, t: Tensor | None) -> tuple[int, int, int, int,
     """(rows per factor group, rows per threshold group, BJ, grid rows, grid columns)."""
     factors, groups = a.shape[0], 1 if t is None else t.numel()
     out_features, in_features = b.shape[0], a.shape[1]
-    tile = _row_tile(out_features, max(factors, groups))
+    tile = _row_tile(out_features, max(factors, groups), a.shape[2])
     return out_features // factors, out_features // groups, tile, out_features // tile, -(-in_features // BI)
 
 
@@ -85,7 +89,7 @@ def update(
         out if weight is None else weight.contiguous(), out,
         b.shape[0], a.shape[1], rows_per_factor, rows_per_group, float(scale),
         R=a.shape[2], P=coef.numel(), RULE=rule, HAS_T=t is not None, HAS_W=weight is not None,
-        MAGNITUDE=magnitude, BJ=tile, BI=BI,
+        MAGNITUDE=magnitude, BJ=tile, BI=BI, num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
@@ -109,7 +113,7 @@ def vjp(
     vjp_kernel[(grid_j, grid_i)](
         a, b, coef, coef if t is None else t.contiguous().float(), grad.contiguous().float(), part_a, part_b,
         b.shape[0], a.shape[1], rows_per_factor, rows_per_group, a.shape[0] * a.shape[1],
-        R=a.shape[2], P=coef.numel(), RULE=rule, HAS_T=t is not None, BJ=tile, BI=BI,
+        R=a.shape[2], P=coef.numel(), RULE=rule, HAS_T=t is not None, BJ=tile, BI=BI, num_warps=NUM_WARPS,
     )  # fmt: skip
     return part_a.sum(0).view(a.shape), part_b.sum(0)
 
