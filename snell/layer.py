@@ -229,7 +229,9 @@ class KernelSparseLinearFn(torch.autograd.Function):
         if scale is not None:  # the branch's drop-path, on its output gradient
             g = (g.unflatten(-1, (layer.groups, -1)) * scale).flatten(-2)
         source = (x if merged else branch_x).to(g.dtype)
-        whole = single and keep_all(ctx.parts)  # else input gradients accumulate block by block
+        unsplit = keep_all(ctx.parts)
+        one_matmul = merged and unsplit  # W0 + S for every sample
+        whole = single and unsplit  # else input gradients accumulate block by block
         grad_x = torch.zeros_like(source) if merged and needs[0] and not whole else None
         grad_branch = torch.zeros_like(source) if not merged and needs[1] and not whole else None
         rows_total = layer.out_features
@@ -243,7 +245,6 @@ class KernelSparseLinearFn(torch.autograd.Function):
                     grad_update[local].mul_(part.scale)
             t_block = None if t is None else t[groups]
             factors = layer.a_block(a, rows, cols), layer.b_block(b, rows)
-            one_matmul = merged and overlaps[0][0].kept is None  # W0 + S for every sample
             update, block_grads = layer.update_vjp(
                 *factors,
                 kernel_params,
@@ -381,10 +382,17 @@ class SnellLinear(AdaptedLinear):
             return False
         return is_fake(like) or fused.available(like.device)
 
-    def _fused_update(self, a: Tensor, b: Tensor, t: Tensor | None, add: Tensor | None) -> Tensor:
-        """S(dW) (+ ``add``) of the whole matrix from the fused op, dW computed on the fly."""
-        a3 = a.view(self.factor_groups, self.in_features, -1)
-        return fused.update(a3, b, self.kernel.coefficients, t, add, 1.0, fused.RULE_IDS[self.rule], False)
+    def _fused_args(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The fused ops' (a, b, coef): a as (factor groups, in, r), b as (out, r)."""
+        a3 = a.reshape(self.factor_groups, self.in_features, -1)
+        return a3, b.reshape(-1, b.shape[-1]), self.kernel.coefficients
+
+    def _fused_update(
+        self, a: Tensor, b: Tensor, t: Tensor | None, add: Tensor | None, *, magnitude: bool = False
+    ) -> Tensor:
+        """S(dW) (+ ``add``), or |dW|, of the whole matrix from the fused op, dW computed on the fly."""
+        rule = fused.RULE_IDS[self.rule]
+        return fused.update(*self._fused_args(a, b), t, add, 1.0, rule, magnitude)
 
     @torch.no_grad()
     def sparse_update(
@@ -396,9 +404,7 @@ class SnellLinear(AdaptedLinear):
         if self.fused(b):
             t = None
             if self.sparsity > 0:  # |dW| for the threshold, freed before the update is written
-                a3 = a.view(self.factor_groups, self.in_features, -1)
-                rule = fused.RULE_IDS[self.rule]
-                magnitude = fused.update(a3, b, self.kernel.coefficients, None, None, 1.0, rule, True)
+                magnitude = self._fused_update(a, b, None, None, magnitude=True)
                 t = threshold(magnitude, self.sparsity, self.groups, magnitude=True, device_type="cuda")
                 del magnitude
             return t, self._fused_update(a, b, t, add)
@@ -423,13 +429,10 @@ class SnellLinear(AdaptedLinear):
         path, in closed form where the kernel has one (no autograd graph, a few block-sized
         temporaries), else by autograd through ``kernel_update``."""
         if self.fused(b):
-            b2 = b.reshape(-1, b.shape[-1])
-            a3 = a.reshape(self.factor_groups, self.in_features, -1)
             found = [None, None]
             if any(wants):
-                rule = fused.RULE_IDS[self.rule]
-                found = list(fused.vjp(a3, b2, self.kernel.coefficients, t, grad, rule))
-            update = self._fused_update(a, b2, t, add)
+                found = list(fused.vjp(*self._fused_args(a, b), t, grad, fused.RULE_IDS[self.rule]))
+            update = self._fused_update(a, b, t, add)
             return update, [grad if want else None for grad, want in zip(found, wants[:2], strict=True)]
         update, grads = self._update_vjp(a, b, kernel_params, t, grad, wants)
         return update if add is None else update.add_(add), grads
@@ -457,8 +460,8 @@ class SnellLinear(AdaptedLinear):
     @torch.no_grad()
     def blockwise_update(self, a: Tensor, b: Tensor, kernel_params) -> Tensor:
         """dW computed block by block exactly as backward recomputes it, so that both agree to the bit and
-        keep the same entries (a block-shaped matmul may round differently from a full-size one)."""
-        a, b = a.detach(), b.detach()  # views of a parameter made under no_grad would still require grad
+        keep the same entries (a block-shaped matmul may round differently from a full-size one).
+        ``a`` and ``b`` are detached (``sparse_update``, its one caller, detaches them)."""
         blocks = weight_blocks(b.shape[0], self.in_features, self.groups, b.device)
         if len(blocks) == 1:
             rows, cols, _ = blocks[0]

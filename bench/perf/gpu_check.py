@@ -30,8 +30,7 @@ import snell
 from bench import step
 from bench.arguments import parse
 from bench.backbones import create_backbone
-from bench.methods import preset_config
-from bench.perf.reference_snell import to_reference
+from bench.perf.variants import Variant, apply_variant
 from bench.report.measurements import render_folder
 from bench.run.measurements import write_measurement
 from bench.run.provenance import device_name
@@ -40,16 +39,6 @@ MODEL = "vit_base_patch16_224"
 MIB = 2**20
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 """Profiler events of host-side kernel launches (the runtime API and the driver API, which Triton uses)."""
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    preset: str
-    """A label of ``bench.methods.METHOD_PRESETS``."""
-    branch: str
-    """'paper' (branch dropout 0.1, SNELL drop-path 0.1) or 'off'."""
-    reference: bool = False
 
 
 VARIANTS = (
@@ -73,10 +62,7 @@ class Setup:
 def build(variant: Variant, batch: int, precision: str, *, model_name: str, device: str) -> Setup:
     """``variant`` on a fresh backbone (random weights, same seed), with its optimizer and a batch."""
     torch.manual_seed(0)
-    model = create_backbone(model_name, 100, pretrained=False)
-    snell.apply_method(model, preset_config(variant.preset))
-    if variant.reference:
-        to_reference(model)
+    model = apply_variant(create_backbone(model_name, 100, pretrained=False), variant)
     model.to(device).train()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4

@@ -23,19 +23,18 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-import snell
 from bench import step
 from bench.arguments import parse
 from bench.memory.estimate import step_memory
 from bench.methods import preset_config
-from bench.perf.reference_snell import to_reference
+from bench.perf.variants import Variant, apply_variant
 from bench.run.measure import tracked_step_memory
 from bench.run.measurements import write_measurement
 from snell.layer import SnellLinear
@@ -43,28 +42,15 @@ from snell.layer import SnellLinear
 PATCH_SIZE = 8
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One row: a method preset, optionally converted to the public code's layout or run as the floor."""
-
-    name: str
-    preset: str
-    """A label of ``bench.methods.METHOD_PRESETS``."""
-    branch: str
-    """The branch regularisation: 'off' or 'paper' (dropout 0.1, SNELL drop-path 0.1)."""
-    reference: bool = False
-    floor: bool = False
-
-
 VARIANTS = (
     Variant("lora-8", "lora-8 (no branch dropout)", "off"),
     Variant("snell-8", "snell-8 (no branch dropout)", "off"),
     Variant("reference-8", "snell-8 (no branch dropout)", "off", reference=True),
-    Variant("matmul floor", "snell-8 (no branch dropout)", "off", floor=True),
+    Variant("matmul floor", "lora-8 (no branch dropout)", "off", floor="snell-8 (no branch dropout)"),
     Variant("lora-8", "lora-8", "paper"),
     Variant("snell-8", "snell-8", "paper"),
     Variant("reference-8", "snell-8", "paper", reference=True),
-    Variant("matmul floor", "snell-8", "paper", floor=True),
+    Variant("matmul floor", "lora-8", "paper", floor="snell-8"),
 )
 
 
@@ -105,10 +91,10 @@ def cpu_vit(image_size: int, seed: int = 0) -> VisionTransformer:
     )
 
 
-def tuned(preset: str, image_size: int) -> nn.Module:
+def tuned(variant: Variant, image_size: int) -> nn.Module:
     model = cpu_vit(image_size)
     torch.manual_seed(1)
-    return snell.apply_method(model, preset_config(preset)).train()
+    return apply_variant(model, variant).train()
 
 
 def extra_matmuls(snell_model: nn.Module, tokens: int) -> Callable[[], None]:
@@ -132,14 +118,12 @@ def extra_matmuls(snell_model: nn.Module, tokens: int) -> Callable[[], None]:
 
 def build(variant: Variant, setting: Setting, images: torch.Tensor, labels: torch.Tensor) -> Setup:
     """The model tuned by ``variant`` (same backbone and, for SNELL, same factors in every variant)."""
-    if variant.floor:
-        lora = build(Variant("lora-8", f"lora-8{' (no branch dropout)' * (variant.branch == 'off')}",
-                             variant.branch), setting, images, labels)  # fmt: skip
-        extra = extra_matmuls(tuned(variant.preset, setting.image_size), setting.tokens)
+    if variant.floor is not None:
+        lora = build(replace(variant, floor=None), setting, images, labels)
+        snell_model = tuned(replace(variant, preset=variant.floor, floor=None), setting.image_size)
+        extra = extra_matmuls(snell_model, setting.tokens)
         return Setup(variant, lora.model, None, lambda: (lora.step(), extra()))
-    model = tuned(variant.preset, setting.image_size)
-    if variant.reference:
-        to_reference(model)
+    model = tuned(variant, setting.image_size)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
     return Setup(variant, model, optimizer, lambda: step.train_step(model, optimizer, images, labels))
 
@@ -196,7 +180,7 @@ def vit_b16_memory(batches: list[int]) -> pd.DataFrame:
     rows = []
     for batch in batches:
         for variant in VARIANTS:
-            if variant.reference or variant.floor:
+            if variant.reference or variant.floor is not None:
                 continue
             estimate = step_memory("vit_base_patch16_224", preset_config(variant.preset), batch)
             rows.append({

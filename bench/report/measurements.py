@@ -50,10 +50,10 @@ def perf_ratios(steps: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def perf_goals(ratios: pd.DataFrame, vit_b16: pd.DataFrame | None) -> pd.DataFrame:
-    """One row per (goal, where): snell-8's measured ratio, the bound, and whether it holds."""
+def perf_goals(ratios: pd.DataFrame, tokens: pd.Series, vit_b16: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per (goal, where): snell-8's measured ratio, the bound, and whether it holds. ``tokens``:
+    tokens per step by setting; ``vit_b16``: the ViT-B/16 peaks by (batch, branch) and variant."""
     snell_rows = ratios.xs("snell-8", level="variant")
-    tokens = {s: int(s.split()[0]) for s in snell_rows.index.get_level_values("setting")}
     rows = []
     for quantity, base, branch, at_tokens, bound in PERF_GOALS:
         for (setting, row_branch), row in snell_rows.iterrows():
@@ -62,31 +62,26 @@ def perf_goals(ratios: pd.DataFrame, vit_b16: pd.DataFrame | None) -> pd.DataFra
             ratio = row[f"{quantity} / {base}"]
             rows.append((f"{quantity} snell-8 / {base}", f"{setting}, branch {row_branch}", ratio, bound))
     if vit_b16 is not None:
-        peaks = vit_b16.pivot_table(index=["batch", "branch"], columns="variant", values="peak_mib")
-        for (batch, branch), row in peaks.iterrows():
+        for (batch, branch), row in vit_b16.iterrows():
             where = f"ViT-B/16 estimate, batch {batch}, branch {branch}"
             rows.append(("memory snell-8 / lora-8", where, row["snell-8"] / row["lora-8"], 1.03))
     return verdicts(pd.DataFrame(rows, columns=["goal", "where", "measured", "bound"]))
 
 
 def render_perf_step(record: dict, tables: dict[str, pd.DataFrame], folder: Path) -> dict[str, str]:
-    ratios = perf_ratios(tables["steps"])
+    steps = tables["steps"]
+    ratios = perf_ratios(steps)
+    tokens = steps.groupby("setting").tokens.first()
     vit_b16 = tables.get("vit_b16")
-    fields = {
+    if vit_b16 is not None:
+        vit_b16 = vit_b16.pivot_table(index=["batch", "branch"], columns="variant", values="peak_mib")
+    return {
         "table_steps": markdown_table(ratios.reset_index(), False),
-        "table_goals": markdown_table(perf_goals(ratios, vit_b16), False),
+        "table_goals": markdown_table(perf_goals(ratios, tokens, vit_b16), False),
+        "table_vit_b16": (
+            "(not estimated in this run)" if vit_b16 is None else markdown_table(vit_b16.reset_index(), False)
+        ),
     }
-    fields["table_vit_b16"] = (
-        "(not estimated in this run)"
-        if vit_b16 is None
-        else markdown_table(
-            vit_b16.pivot_table(
-                index=["batch", "branch"], columns="variant", values="peak_mib"
-            ).reset_index(),
-            False,
-        )
-    )
-    return fields
 
 
 GPU_GOALS = (
