@@ -14,7 +14,6 @@ so ``load_adapter`` rebuilds the model without calibration data.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -23,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from snell.calibration import gradient_sums
 from snell.registry import Calibration, TuningConfig, register_method
 from snell.validation import check_probability, check_rank, check_rank_fits, check_targets
 from snell.wrap import (
     DEFAULT_TARGETS,
     AdaptedLinear,
     check_patterns_match,
+    find_linear_targets,
     freeze_all_but_head,
     replace_modules,
     set_cls_token_trainable,
@@ -139,6 +140,20 @@ class SptConfig(TuningConfig):
     train_cls_token: bool = True
     plan: dict[str, Any] = field(default_factory=dict)
 
+    def without_data(self, model: nn.Module) -> SptConfig:
+        """With no plan: one that tunes an equal share of the budget in every target matrix, unstructured.
+
+        A real plan comes from sensitivity on data, which a shapes-only estimate does not have. This one
+        is the memory-heaviest plan of SPT's unstructured modes (no matrix gets a LoRA part, which would
+        cost LoRA's memory instead).
+        """
+        if self.plan:
+            return self
+        head = _head(model)
+        names = [n for n in find_linear_targets(model, self.targets) if model.get_submodule(n) is not head]
+        share = max(1, budget_entries(model, self.budget) // len(names))
+        return dataclasses.replace(self, plan={"matrices": dict.fromkeys(names, share), "vectors": []})
+
     def validate(self) -> None:
         check_rank(self.rank)
         if isinstance(self.budget, bool) or not (
@@ -181,37 +196,8 @@ def sensitivity(
     model: nn.Module, params: dict[str, nn.Parameter], calibration: Calibration, batches: int
 ) -> dict[str, Tensor]:
     """Per entry of each of ``params``: the sum over up to ``batches`` (images, labels) batches of the
-    squared gradient of the cross-entropy loss (float32).
-
-    Runs in eval mode (no dropout / drop-path noise) with only ``params`` requiring grad; every
-    module's mode and every parameter's ``requires_grad`` are restored and no ``.grad`` is left behind.
-    """
-    tensors = list(params.values())
-    device = tensors[0].device
-    scores = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    seen = 0
-    try:
-        model.eval()
-        model.requires_grad_(False)
-        for p in tensors:
-            p.requires_grad_(True)
-        for images, labels in itertools.islice(calibration, batches):
-            loss = F.cross_entropy(model(images.to(device)), labels.to(device))
-            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-            for score, grad in zip(scores, grads, strict=True):
-                if grad is not None:
-                    score.add_(grad.float().square())
-            seen += 1
-    finally:
-        for m, training in modes:
-            m.training = training
-        for p, flag in flags:
-            p.requires_grad_(flag)
-    if not seen:
-        raise ValueError("spt-lora got an empty calibration iterable; it needs (images, labels) batches")
-    return dict(zip(params, scores, strict=True))
+    squared gradient of the cross-entropy loss (float32; model modes and flags restored)."""
+    return gradient_sums(model, params, calibration, batches, square=True, method="spt-lora")
 
 
 class Allocation(NamedTuple):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.arguments import PRECISIONS
+from snell.callbacks import training_callbacks
 
 
 def check_precision(precision: str) -> None:
@@ -35,10 +36,14 @@ def train_step(
     precision: str = "fp32",
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
 ) -> Tensor:
-    """Forward (under ``precision``), loss, backward, optimizer step, gradients cleared; the loss."""
+    """Forward (under ``precision``), loss, backward, optimizer step, the method's training callbacks
+    (``snell.training_callbacks``: e.g. SNELLA's importance scores, which read the gradients), gradients
+    cleared; the loss."""
     with autocast(images.device.type, precision):
         loss = loss_fn(model(images), labels)
     loss.backward()
     optimizer.step()
+    for callback in training_callbacks(model):
+        callback.after_optimizer_step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()

@@ -9,14 +9,17 @@ import baselines as _baselines  # noqa: F401  (registers full, linear, bitfit, l
 
 from . import model as _snell_method  # noqa: F401  (registers "snell")
 from .adapter import adapter_size_bytes, count_trainable, load_adapter, save_adapter
+from .callbacks import TrainingCallback, training_callbacks
 from .kernels import Kernel, build_kernel, list_kernels, register_kernel
 from .registry import (
     TuningConfig,
     apply_method,
     config_fields,
     config_from_dict,
+    exclude_from_weight_decay,
     list_methods,
     method_config,
+    no_weight_decay,
     register_method,
 )
 from .sparsify import sparsify, threshold
@@ -25,6 +28,7 @@ from .wrap import AdaptedLinear, merge
 __all__ = [
     "AdaptedLinear",
     "Kernel",
+    "TrainingCallback",
     "TuningConfig",
     "adapter_size_bytes",
     "apply_method",
@@ -32,14 +36,17 @@ __all__ = [
     "config_fields",
     "config_from_dict",
     "count_trainable",
+    "exclude_from_weight_decay",
     "list_kernels",
     "list_methods",
     "load_adapter",
     "merge",
     "method_config",
+    "no_weight_decay",
     "register_kernel",
     "register_method",
     "save_adapter",
     "sparsify",
     "threshold",
+    "training_callbacks",
 ]

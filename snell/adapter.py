@@ -27,15 +27,23 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _adapted(model: nn.Module) -> dict[str, AdaptedLinear]:
+    return {f"{n}.": m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Trainable parameters plus the persistent buffers of adapter modules, by state-dict name."""
+    """Trainable parameters outside adapted layers plus each adapted layer's ``adapter_tensors``
+    (its trainable parameters and persistent buffers), by state-dict name."""
     state = model.state_dict()
-    keys = {n for n, p in model.named_parameters() if p.requires_grad}
-    for prefix, module in model.named_modules():
-        if isinstance(module, AdaptedLinear):
-            own = {n for n, _ in module.named_buffers() if not n.startswith("base.")}
-            keys |= {f"{prefix}.{n}" for n in own if f"{prefix}.{n}" in state}
-    return {k: state[k].detach().contiguous() for k in sorted(keys)}
+    layers = _adapted(model)
+    found = {
+        n: state[n]
+        for n, p in model.named_parameters()
+        if p.requires_grad and not any(n.startswith(prefix) for prefix in layers)
+    }
+    for prefix, layer in layers.items():
+        found |= {prefix + n: t for n, t in layer.adapter_tensors().items()}
+    return {k: found[k].detach().contiguous() for k in sorted(found)}
 
 
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
@@ -82,10 +90,15 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
                 f"adapter {path} ({config.method}) cannot be applied to this model: {err}"
             ) from err
         expected = adapter_state_dict(model)
-        in_model_order = {k: expected[k] for k in model.state_dict() if k in expected}
+        in_model_order = {k: expected[k] for k in model.state_dict() if k in expected} | expected
         check_fits(in_model_order, tensors, path)
+        layers = _adapted(model)
         with torch.no_grad():
-            model.load_state_dict(tensors, strict=False)
+            for prefix, layer in layers.items():
+                own = {k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)}
+                layer.load_adapter_tensors(own)
+            rest = {k: t for k, t in tensors.items() if not any(k.startswith(p) for p in layers)}
+            model.load_state_dict(rest, strict=False)
     return model
 
 

@@ -22,10 +22,13 @@ class Kernel(nn.Module):
 
     Leading dimensions broadcast: the three q, k, v factor sets of a fused qkv are one call.
     ``pieces``: the number of r-slices the factors are cut into (the public code's P; 1 for most).
+    ``whole_columns``: an entry also depends on the other entries of its column (a softmax over the
+    output rows), so dW can only be computed in blocks of whole columns.
     """
 
     name: str = ""
     pieces: int = 1
+    whole_columns: bool = False
 
     def __init__(self, rank: int) -> None:
         super().__init__()

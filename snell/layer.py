@@ -39,13 +39,15 @@ from .kernels import Kernel, PiecewiseLinearKernel, init_factor_
 from .sparsify import apply_rule, rule_vjp, threshold
 from .wrap import AdaptedLinear, branch_drop_path, branch_dropout
 
-BLOCK_ENTRIES = {"cpu": 2**19, "cuda": 2**22}
+BLOCK_ENTRIES = {"cpu": 2**19, "cuda": 2**20}
 """Backward recomputes dW in blocks of about this many entries per device type, so that its temporaries
 (the kernel's intermediates and their vjp, the weight gradient, the merged weight) are block-sized, not
-several out x in matrices. Valid because a kernel's entry dW[j, i] depends on B[j] and A[i] only.
-On a CPU, 2 MiB blocks cost no time (the matmuls stay compute-bound); on a GPU each block costs some
-50 kernel launches, so blocks are 8x larger there (ViT-B/16 step on an H200: 360 ms with 2**19, 112 ms
-with 2**22). Other devices use the CUDA size."""
+several out x in matrices. Valid because a kernel's entry dW[j, i] depends on B[j] and A[i] only (or, for
+``Kernel.whole_columns`` kernels, on its column: blocks of whole columns). On a CPU, 2 MiB blocks cost no
+time (the matmuls stay compute-bound). On a GPU each block costs some 50 kernel launches, so blocks are
+larger there; the piecewise-linear kernel runs the fused ops there (one block), so this size serves the
+other kernels: 4 MiB blocks keep SNELLA's softmax kernel within 1% of SNELL-8's memory (ViT-B/16 batch 8
+estimate; 16 MiB blocks: 4%), with 3 blocks for a ViT-B/16 fc1. Other devices use the CUDA size."""
 
 
 _code_path: str | None = None
@@ -82,19 +84,26 @@ def _split(start: int, stop: int, size: int) -> list[slice]:
 
 
 def weight_blocks(
-    out_features: int, in_features: int, groups: int, device: torch.device, *, fused: bool = False
+    out_features: int,
+    in_features: int,
+    groups: int,
+    device: torch.device,
+    *,
+    fused: bool = False,
+    whole_columns: bool = False,
 ) -> list[tuple[slice, slice, slice]]:
     """(rows, columns, threshold groups) of the blocks of dW that backward works on.
 
     The longer side is split, so that blocks stay wide enough for efficient matmuls; column blocks span
     every row (``rows`` is ``slice(None)``: every group), row blocks stay inside one threshold group.
     ``fused``: one block, the whole matrix (the fused ops keep no block-sized temporaries).
+    ``whole_columns``: column blocks only (the kernel couples the entries of a column).
     """
     everything = slice(None)
     if fused:  # the fused ops compute dW on the fly: no block-sized temporaries to bound
         return [(everything, everything, everything)]
     entries = BLOCK_ENTRIES.get(device_type_of(device), BLOCK_ENTRIES["cuda"])
-    if in_features >= out_features or out_features * in_features <= entries:
+    if whole_columns or in_features >= out_features or out_features * in_features <= entries:
         return [(everything, cols, everything) for cols in _split(0, in_features, entries // out_features)]
     per_group = out_features // groups
     return [
@@ -217,7 +226,7 @@ class KernelSparseLinearFn(torch.autograd.Function):
         layer: SnellLinear = ctx.layer
         needs = ctx.needs_input_grad
         wants = needs[4:6] + needs[8:]  # a, b, then the kernel's parameters
-        blocks = weight_blocks(b.shape[0], layer.in_features, layer.groups, b.device, fused=layer.fused(b))
+        blocks = layer.blocks(b)
         single = len(blocks) == 1  # block gradients are the gradients: nothing to accumulate
         grads = [
             torch.zeros_like(p) if n and not single else None
@@ -334,7 +343,10 @@ class SnellLinear(AdaptedLinear):
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(self.factor_groups * base.in_features, rank, **factory))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, **factory))
-        self.kernel = kernel.to(**factory)
+        tensors = [*kernel.parameters(), *kernel.buffers()]
+        if any((t.device, t.dtype) != (base.weight.device, base.weight.dtype) for t in tensors):
+            kernel = kernel.to(**factory)  # only when needed: fake parameters of an estimate cannot move
+        self.kernel = kernel
         init_factor_(self.lora_A.view(self.factor_groups, base.in_features, rank), kernel)
         init_factor_(self.lora_B.view(groups, -1, rank), kernel)
         self.dropout = branch_dropout(dropout)
@@ -382,6 +394,14 @@ class SnellLinear(AdaptedLinear):
             return False
         return is_fake(like) or fused.available(like.device)
 
+    def blocks(self, b: Tensor) -> list[tuple[slice, slice, slice]]:
+        """The blocks of dW this layer computes at a time (``weight_blocks``), for factors like ``b``."""
+        fused = self.fused(b)
+        return weight_blocks(
+            b.shape[0], self.in_features, self.groups, b.device,
+            fused=fused, whole_columns=self.kernel.whole_columns,
+        )  # fmt: skip
+
     def _fused_args(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The fused ops' (a, b, coef): a as (factor groups, in, r), b as (out, r)."""
         a3 = a.reshape(self.factor_groups, self.in_features, -1)
@@ -403,7 +423,7 @@ class SnellLinear(AdaptedLinear):
         a, b = a.detach(), b.detach()  # views of a parameter made under no_grad would still require grad
         if self.fused(b):
             t = None
-            if self.sparsity > 0:  # |dW| for the threshold, freed before the update is written
+            if self.sparsity != 0:  # |dW| for the threshold, freed before the update is written
                 magnitude = self._fused_update(a, b, None, None, magnitude=True)
                 t = threshold(magnitude, self.sparsity, self.groups, magnitude=True, device_type="cuda")
                 del magnitude
@@ -462,7 +482,7 @@ class SnellLinear(AdaptedLinear):
         """dW computed block by block exactly as backward recomputes it, so that both agree to the bit and
         keep the same entries (a block-shaped matmul may round differently from a full-size one).
         ``a`` and ``b`` are detached (``sparse_update``, its one caller, detaches them)."""
-        blocks = weight_blocks(b.shape[0], self.in_features, self.groups, b.device)
+        blocks = self.blocks(b)
         if len(blocks) == 1:
             rows, cols, _ = blocks[0]
             return self.kernel_update(self.a_block(a, rows, cols), self.b_block(b, rows), kernel_params)

@@ -38,6 +38,27 @@ class TuningConfig:
         """JSON-ready dict with the method name, the inverse of ``config_from_dict``."""
         return {"method": self.method, **dataclasses.asdict(self)}
 
+    def without_data(self, model: nn.Module) -> TuningConfig:
+        """A config that ``apply`` takes without calibration data and that tunes tensors of the same
+        shapes as a data-driven selection would: what a shapes-only memory estimate applies. Methods
+        that select from data override it (SPT: a uniform plan; GPS: placeholder selections)."""
+        return self
+
+
+NO_WEIGHT_DECAY = "_no_weight_decay"
+
+
+def exclude_from_weight_decay(param: nn.Parameter) -> None:
+    """Mark a parameter that the optimizer must not decay (GPS: its unselected entries must stay
+    exactly pretrained, and decoupled decay would move them). Training loops honour it through
+    ``no_weight_decay``."""
+    setattr(param, NO_WEIGHT_DECAY, True)
+
+
+def no_weight_decay(model: nn.Module) -> set[str]:
+    """Names of the parameters of ``model`` that a method marked with ``exclude_from_weight_decay``."""
+    return {n for n, p in model.named_parameters() if getattr(p, NO_WEIGHT_DECAY, False)}
+
 
 @dataclass(frozen=True)
 class MethodSpec:

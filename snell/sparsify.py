@@ -7,6 +7,7 @@ entries "compete" for the kept slots as training moves them. Ratio ``s`` is the 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -30,7 +31,12 @@ def check_sparsity(sparsity: float) -> None:
 
 @torch.no_grad()
 def threshold(
-    dw: Tensor, sparsity: float, groups: int = 1, *, magnitude: bool = False, device_type: str | None = None
+    dw: Tensor,
+    sparsity: float | Sequence[float],
+    groups: int = 1,
+    *,
+    magnitude: bool = False,
+    device_type: str | None = None,
 ) -> Tensor | None:
     """Per-group magnitude threshold t: entries with |dW| > t are kept. Shape (groups,); None at s = 0.
 
@@ -40,18 +46,30 @@ def threshold(
     ``torch.lerp`` between them. So t, and the kept entries, are bit-identical to quantile's (tested on
     hundreds of random shapes; 11 entries at s = 0.9 keep 2, since float32(0.9) * 10 < 9), at any size
     (quantile refuses more than 2**24 entries; the same formula applies there) and without a sort.
-    s = 0 means no sparsification: no threshold (None). ``magnitude``: ``dw`` holds |dW| already (it may
-    be reordered in place). ``device_type`` picks the selection route (default: the tensor's device).
+    s = 0 means no sparsification: no threshold (None). A sequence gives each group its own ratio
+    (SNELLA's allocator); there 0 is a ratio like any other (t = the smallest |dW|, as the public SNELLA
+    thresholds at every ratio). ``magnitude``: ``dw`` holds |dW| already (it may be reordered in place).
+    ``device_type`` picks the selection route (default: the tensor's device).
     """
+    if not isinstance(sparsity, int | float):
+        if len(sparsity) != groups:
+            raise ValueError(f"{len(sparsity)} sparsity ratios for {groups} groups")
+        values = dw.detach().reshape(groups, -1)
+        found = [_quantile(values[g : g + 1], s, magnitude, device_type) for g, s in enumerate(sparsity)]
+        return torch.cat(found).to(dw.dtype)
     if sparsity == 0:
         return None
-    values = dw.detach().reshape(groups, -1)
+    return _quantile(dw.detach().reshape(groups, -1), sparsity, magnitude, device_type).to(dw.dtype)
+
+
+def _quantile(values: Tensor, sparsity: float, magnitude: bool, device_type: str | None) -> Tensor:
+    """torch.quantile's value at ``sparsity`` of each row of |values| (float32; see ``threshold``)."""
     values = values.float() if magnitude else values.abs().float()
     last = values.shape[1] - 1
     rank = float(np.float32(sparsity)) * last
     below, above = math.floor(rank), min(math.ceil(rank), last)
     lower, upper = order_statistics_(values, (below, above), device_type=device_type)
-    return torch.lerp(lower, upper, rank - below).to(dw.dtype)
+    return torch.lerp(lower, upper, rank - below)
 
 
 def order_statistics_(

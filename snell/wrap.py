@@ -67,6 +67,18 @@ class AdaptedLinear(nn.Module):
         """The update added to ``base.weight`` at inference (out x in)."""
         raise NotImplementedError
 
+    def adapter_tensors(self) -> dict[str, Tensor]:
+        """What an adapter file holds for this layer (names relative to it): its trainable parameters and
+        its own persistent buffers. Layers that train ``base.weight`` in place save less (GPS)."""
+        state = self.state_dict()
+        own = {n for n, _ in self.named_buffers() if not n.startswith("base.")}
+        keys = {n for n, p in self.named_parameters() if p.requires_grad} | (own & set(state))
+        return {k: state[k] for k in keys}
+
+    def load_adapter_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """The inverse of ``adapter_tensors`` (shapes checked by the caller)."""
+        self.load_state_dict(tensors, strict=False)
+
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the update folded in: no inference overhead."""

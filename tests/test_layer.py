@@ -144,11 +144,11 @@ def test_branch_dropout_keeps_a_one_byte_mask(method):
 
 def test_code_path_uses_another_device_types_block_size():
     cpu = torch.device("cpu")
-    shape = (1280, 5120)  # ViT-H fc1: 6.5M entries, about 12 CPU blocks (2**19) or 2 CUDA blocks (2**22)
+    shape = (1280, 5120)  # ViT-H fc1: 6.5M entries, about 12 CPU blocks (2**19) or 7 CUDA blocks (2**20)
     on_cpu = weight_blocks(*shape, 1, cpu)
     with code_path("cuda"):
         as_cuda = weight_blocks(*shape, 1, cpu)
-    assert len(on_cpu) >= 12 and len(as_cuda) == 2
+    assert len(on_cpu) >= 12 and len(as_cuda) == 7
     assert weight_blocks(*shape, 1, cpu) == on_cpu  # restored on exit
 
 
@@ -160,7 +160,8 @@ def test_sparsity_zero_merges_the_kernels_dw_itself(kernel, rule, groups):
     a = layer.lora_A.view(groups, 48, 8)
     b = layer.lora_B.view(groups, -1, 8)
     dw = torch.cat([layer.kernel(a[k], b[k]) for k in range(groups)])  # q, k, v blocks one by one
-    torch.testing.assert_close(layer.delta_weight(), dw, rtol=0, atol=0)
+    exact = not layer.kernel.whole_columns  # a softmax over all groups at once rounds a little apart
+    torch.testing.assert_close(layer.delta_weight(), dw, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-8)
     merged = layer.merged()
     assert torch.equal(merged.weight, layer.base.weight + layer.delta_weight())
     x = torch.randn(3, 48)

@@ -12,7 +12,7 @@ import timm
 import torch
 
 import snell
-from bench.memory.estimate import MemoryEstimate, step_memory, uniform_spt_plan
+from bench.memory.estimate import MemoryEstimate, step_memory
 from bench.memory.estimate import main as memory_command
 from bench.memory.paper import METHODS, MODELS, PAPER_MB
 from bench.memory.plots import plot_breakdown, plot_memory_vs_model_size
@@ -86,7 +86,7 @@ def test_vit_b16_estimate_allocates_under_1_gb():
 
 def test_uniform_spt_plan_spreads_the_budget_over_every_target():
     model = timm.create_model(SMALL, num_classes=10)
-    cfg = uniform_spt_plan(model, snell.method_config("spt-lora", budget=1000))
+    cfg = snell.method_config("spt-lora", budget=1000).without_data(model)
     matrices = cfg.plan["matrices"]
     assert len(matrices) == 6 * 4 and set(matrices.values()) == {1000 // 24}
 

@@ -31,13 +31,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.profiler import ProfilerActivity, profile
 
 import snell
-from baselines.spt import SptConfig, budget_entries
 from bench import step
 from bench.arguments import parse
 from bench.backbones import create_backbone
 from bench.run.measure import MIB, StepMemoryTracker, peak_breakdown
 from snell.layer import code_path
-from snell.wrap import find_linear_targets
 
 ESTIMATE_DEVICE = "estimate: fake tensors on CPU"
 OPTIMIZER = {"lr": 1e-3, "weight_decay": 1e-4, "foreach": True}
@@ -71,18 +69,6 @@ class MemoryEstimate:
         return row
 
 
-def uniform_spt_plan(model: nn.Module, cfg: SptConfig) -> SptConfig:
-    """``cfg`` with a plan that tunes an equal share of the budget in every target matrix, unstructured.
-
-    A real SPT plan comes from sensitivity on data, which a shapes-only estimate does not have. This one
-    is the memory-heaviest plan of SPT's unstructured modes (no matrix gets a LoRA part, which would cost
-    LoRA's memory instead) and the layout of sparse tuning like GPS, which tunes entries of every matrix.
-    """
-    names = find_linear_targets(model, cfg.targets)
-    share = max(1, budget_entries(model, cfg.budget) // len(names))
-    return dataclasses.replace(cfg, plan={"matrices": dict.fromkeys(names, share), "vectors": []})
-
-
 class _Setup(NamedTuple):
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -103,9 +89,7 @@ def _setup(model: nn.Module, config: snell.TuningConfig, img_size: int | None) -
     channels, *size = timm.data.resolve_model_data_config(model)["input_size"]
     input_size = (channels, img_size, img_size) if img_size else (channels, *size)
     params_total = sum(p.numel() for p in model.parameters())
-    if isinstance(config, SptConfig) and not config.plan:
-        config = uniform_spt_plan(model, config)
-    snell.apply_method(model, config)
+    snell.apply_method(model, config.without_data(model))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **OPTIMIZER)
     for p in optimizer.param_groups[0]["params"]:

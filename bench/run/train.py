@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -70,9 +70,13 @@ def make_optimizer(
     warmup_lr: float,
     min_lr: float = 0.0,
 ) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
-    """timm's AdamW over the trainable parameters (no decay on biases, norms, tokens), with a per-step
-    linear warmup from ``warmup_lr`` then cosine decay to ``min_lr`` (timm's scheduler)."""
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay)
+    """timm's AdamW over the trainable parameters (no decay on biases, norms, tokens, nor on what the
+    method excludes: ``snell.no_weight_decay``), with a per-step linear warmup from ``warmup_lr`` then
+    cosine decay to ``min_lr`` (timm's scheduler)."""
+    model_exclusions = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    excluded = set(model_exclusions) | snell.no_weight_decay(model)
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=excluded)
+    optimizer = create_optimizer_v2(groups, "adamw", lr=lr, weight_decay=weight_decay)
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=max(total_steps - warmup_steps, 1),
@@ -173,6 +177,8 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
             raise DivergedError(
                 f"training loss reached {worst:.4g} in epoch {epoch + 1} (diverge_loss={cfg.diverge_loss:g})"
             )
+        for callback in snell.training_callbacks(net):
+            callback.on_epoch_end(epoch, cfg.epochs)
         mean_loss = losses.mean().item()
         loss_curve.append(mean_loss)
         bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}")
@@ -192,6 +198,8 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
         "images_per_s": cfg.batch_size / median if median else None,
         "update_rank": mean_update_rank(net),
     }
+    for callback in snell.training_callbacks(net):
+        metrics |= callback.record()
     if memory is not None:
         metrics["peak_memory_mib"] = memory["peak_mib"]
         metrics["memory_breakdown_mib"] = memory["breakdown_mib"]

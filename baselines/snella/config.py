@@ -1,0 +1,49 @@
+"""SNELLA's and MixK's configurations: SNELL's options with SNELLA's kernel and allocator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from snell.config import SnellConfig
+from snell.sparsify import check_sparsity
+from snell.validation import check_probability
+
+
+@dataclass(frozen=True)
+class SnellaConfig(SnellConfig):
+    """SNELLA (Shen et al., 2025, "Kernelized Sparse Fine-Tuning with Bi-level Parameter Competition").
+
+    SNELL's options (``snell.config.SnellConfig``) with the piecewise-softmax kernel, plus the
+    layer-level allocator (``baselines.snella.allocator``): ``sparsity`` is the initial ratio of every
+    matrix (the code's init_thres; released 0.01 on VTAB, 0 on FGVC), ``target_sparsity`` the overall
+    ratio the cubic schedule reaches (the code's target_ratio; None: no allocator, every matrix keeps
+    ``sparsity``), ``beta1`` / ``beta2`` the smoothing of importance and uncertainty. Unlike SNELL, a
+    ratio of 0 still thresholds (at the smallest |dW|), as the public SNELLA does.
+    """
+
+    kernel: str = "piecewise_softmax"
+    sparsity: float = 0.01
+    target_sparsity: float | None = 0.8
+    beta1: float = 0.85
+    beta2: float = 0.85
+
+    def validate(self) -> None:
+        super().validate()
+        if self.target_sparsity is not None:
+            check_sparsity(self.target_sparsity)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            check_probability(name, value)
+            if value == 0:
+                raise ValueError(f"{name}=0 must be in (0, 1) (the allocator's smoothing)")
+        if self.qkv == "shared_a":
+            raise ValueError("qkv='shared_a' is not supported by snella; allowed: separate, fused")
+
+
+@dataclass(frozen=True)
+class MixkConfig(SnellConfig):
+    """MixK: the SNELLA kernel with no sparsification (the public code's ``tuning_model=mixk``, used on
+    caltech101 and svhn); SNELL's options otherwise."""
+
+    kernel: str = "piecewise_softmax"
+    sparsity: float = 0.0
