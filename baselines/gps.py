@@ -100,6 +100,10 @@ class GpsLinear(AdaptedLinear):
         out.load_state_dict(base.state_dict())
         return out
 
+    def tuned_entries(self) -> int:
+        bias = self.base.bias is not None and self.base.bias.requires_grad
+        return self.indices.numel() + (self.base.bias.numel() if bias else 0)
+
     def adapter_tensors(self) -> dict[str, Tensor]:
         tensors = {"indices": self.indices, "pretrained": self.pretrained, "values": self.values()}
         if self.base.bias is not None and self.base.bias.requires_grad:

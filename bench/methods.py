@@ -2,7 +2,8 @@
 
 One table, so that "lora-8" or "snell-8 (no branch dropout)" means the same config in every table.
 Each is the method's defaults (as the paper's runs: branch dropout and drop-path 0.1, SNELL sparsity
-0.9, q, k and v as separate adapters, SPT budget 400k entries) except the options named.
+0.9, q, k and v as separate adapters, SPT budget 400k entries; GPS one entry per row with the public
+code's float32 mask; SNELLA from 1% to 80% sparsity) except the options named.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ METHOD_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "snell-32": ("snell", {"rank": 32}),
     "snell-8 (no branch dropout)": ("snell", {"rank": 8, "dropout": 0.0, "drop_path": 0.0}),
     "snell-8 (no recompute)": ("snell", {"rank": 8, "recompute": False}),
+    "gps": ("gps", {}),
+    "gps (bool mask)": ("gps", {"mask": "bool"}),
+    "snella-8": ("snella", {"rank": 8}),
 }
 
 

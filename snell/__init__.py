@@ -8,7 +8,7 @@ snell.apply_method(model, snell.method_config("snell", rank=8, kernel="piecewise
 import baselines as _baselines  # noqa: F401  (registers full, linear, bitfit, lora, spt-lora)
 
 from . import model as _snell_method  # noqa: F401  (registers "snell")
-from .adapter import adapter_size_bytes, count_trainable, load_adapter, save_adapter
+from .adapter import adapter_size_bytes, count_trainable, count_tuned, load_adapter, save_adapter
 from .callbacks import TrainingCallback, training_callbacks
 from .kernels import Kernel, build_kernel, list_kernels, register_kernel
 from .registry import (
@@ -36,6 +36,7 @@ __all__ = [
     "config_fields",
     "config_from_dict",
     "count_trainable",
+    "count_tuned",
     "exclude_from_weight_decay",
     "list_kernels",
     "list_methods",

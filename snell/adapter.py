@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .callbacks import TrainingCallback
 from .registry import apply_method, config_from_dict, unchanged_on_error
 from .wrap import AdaptedLinear
 
@@ -23,8 +24,22 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def count_trainable(model: nn.Module) -> int:
-    """Number of trainable parameter entries (shared parameters counted once)."""
+    """Number of trainable parameter entries (shared parameters counted once): what holds gradients
+    and optimizer state. ``count_tuned`` counts what training changes."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_tuned(model: nn.Module) -> int:
+    """Entries that training changes: trainable parameters outside adapted layers plus each adapted
+    layer's ``tuned_entries``. Equals ``count_trainable`` except for methods whose gradients are larger
+    than what they tune (GPS: full-size weights, K entries per row selected)."""
+    layers = _adapted(model)
+    outside = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if p.requires_grad and not any(n.startswith(prefix) for prefix in layers)
+    )
+    return outside + sum(layer.tuned_entries() for layer in layers.values())
 
 
 def _adapted(model: nn.Module) -> dict[str, AdaptedLinear]:
@@ -32,8 +47,9 @@ def _adapted(model: nn.Module) -> dict[str, AdaptedLinear]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Trainable parameters outside adapted layers plus each adapted layer's ``adapter_tensors``
-    (its trainable parameters and persistent buffers), by state-dict name."""
+    """Trainable parameters outside adapted layers, each adapted layer's ``adapter_tensors`` (its
+    trainable parameters and persistent buffers) and the persistent state of training callbacks (what
+    SNELLA's allocator decided), by state-dict name."""
     state = model.state_dict()
     layers = _adapted(model)
     found = {
@@ -43,6 +59,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     }
     for prefix, layer in layers.items():
         found |= {prefix + n: t for n, t in layer.adapter_tensors().items()}
+    for prefix, module in model.named_modules():
+        if isinstance(module, TrainingCallback):
+            found |= {f"{prefix}.{n}": t for n, t in module.state_dict().items()}
     return {k: found[k].detach().contiguous() for k in sorted(found)}
 
 

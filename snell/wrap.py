@@ -67,6 +67,11 @@ class AdaptedLinear(nn.Module):
         """The update added to ``base.weight`` at inference (out x in)."""
         raise NotImplementedError
 
+    def tuned_entries(self) -> int:
+        """Entries of this layer that training changes: its trainable parameters' (GPS: the selected
+        entries of a weight that trains in place, plus the bias)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
     def adapter_tensors(self) -> dict[str, Tensor]:
         """What an adapter file holds for this layer (names relative to it): its trainable parameters and
         its own persistent buffers. Layers that train ``base.weight`` in place save less (GPS)."""

@@ -58,7 +58,9 @@ class SparsityAllocator(TrainingCallback):
     """Reallocates the sparsity of SNELL layers' matrices (each q, k, v group apart) during training.
 
     ``layers``: name -> SnellLinear, whose ``sparsity`` becomes a tuple of per-group ratios. Importance
-    state lives in non-persistent buffers (moved with the model, counted in memory estimates).
+    state lives in non-persistent buffers (moved with the model, counted in memory estimates); the
+    ratios themselves in the persistent buffer ``ratios``, which adapters save (``snell.save_adapter``
+    keeps callbacks' persistent buffers) and loading gives back to the layers.
     """
 
     def __init__(
@@ -85,7 +87,18 @@ class SparsityAllocator(TrainingCallback):
             for kind, factor in (("a", layer.lora_A), ("b", layer.lora_B)):
                 for stat in ("importance", "uncertainty"):
                     self.register_buffer(f"{stat}_{kind}{i}", torch.zeros_like(factor), persistent=False)
+        self.register_buffer(
+            "ratios", torch.full((len(self.units),), float(init_sparsity), dtype=torch.float64)
+        )
+        self.register_load_state_dict_post_hook(lambda module, _: module._set_ratios(module.ratios.tolist()))
         self._remember(int(self.initial))
+
+    def _set_ratios(self, ratios: list[float]) -> None:
+        """Give each layer its groups' ratios (``ratios`` in unit order)."""
+        start = 0
+        for layer in self.layers:
+            layer.sparsity = tuple(ratios[start : start + layer.groups])
+            start += layer.groups
 
     def _remember(self, budget: int) -> None:
         self.budgets.append(budget)
@@ -124,11 +137,9 @@ class SparsityAllocator(TrainingCallback):
         budget = cubic_budget(epoch, epochs, self.initial, self.target)
         capacity = torch.tensor(self.capacity)
         shares = share_budget(self.scores(), budget, capacity)
-        ratios = (1 - shares.double() / capacity.double()).clamp(0, 1).tolist()
-        start = 0
-        for layer in self.layers:
-            layer.sparsity = tuple(ratios[start : start + layer.groups])
-            start += layer.groups
+        ratios = (1 - shares.double() / capacity.double()).clamp(0, 1)
+        self.ratios.copy_(ratios)
+        self._set_ratios(ratios.tolist())
         self._remember(budget)
 
     def on_epoch_end(self, epoch: int, epochs: int) -> None:

@@ -19,7 +19,10 @@ def apply_snella(model: nn.Module, cfg: SnellaConfig, calibration: Calibration =
     """SNELL layers with ``cfg.kernel``; with a target sparsity, an allocator that the training loop
     calls (``snell.training_callbacks``) to move sparsity between matrices at every epoch."""
     layers = wrap_snell(model, cfg)
-    if cfg.target_sparsity is not None:
+    if cfg.target_sparsity is None:  # fixed ratios, thresholded even at 0 (as the public SNELLA)
+        for layer in layers.values():
+            layer.sparsity = (cfg.sparsity,) * layer.groups
+    else:
         allocator = SparsityAllocator(layers, cfg.sparsity, cfg.target_sparsity, cfg.beta1, cfg.beta2)
         model.add_module(ALLOCATOR, allocator)
     return cfg

@@ -15,6 +15,9 @@ METHODS = (
     "snell-8",
     "snell-32",
     "snell-8 (no recompute)",
+    "snella-8",
+    "gps",
+    "gps (bool mask)",
 )
 """The swept presets of ``bench.methods.METHOD_PRESETS``, in table order."""
 PAPER_MB = {

@@ -48,6 +48,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "val_acc": metrics.get("val_acc"),
             "test_acc": metrics.get("test_acc"),
             "trainable_params": metrics.get("trainable_params"),
+            "tuned_params": metrics.get("tuned_params", metrics.get("trainable_params")),
             "adapter_bytes": metrics.get("adapter_bytes"),
             "peak_memory_mib": metrics.get("peak_memory_mib"),
             "step_time_s": metrics.get("step_time_s"),
@@ -90,7 +91,15 @@ def timed_under_load(df: pd.DataFrame) -> pd.Series:
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Per (label, task): accuracy mean/std over successful seeds, cost means, and failure counts."""
     ok = df.status == "ok"
-    measured = ["test_acc", "val_acc", "trainable_params", "adapter_bytes", "peak_memory_mib", "step_time_s"]
+    measured = [
+        "test_acc",
+        "val_acc",
+        "trainable_params",
+        "tuned_params",
+        "adapter_bytes",
+        "peak_memory_mib",
+        "step_time_s",
+    ]
     only_ok = df.assign(**{c: df[c].where(ok) for c in measured}, ok=ok, loaded=df.timed_under_load & ok)
     summary = only_ok.groupby(["label", "task"]).agg(
         method=("method", "first"),
@@ -104,6 +113,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
         val_mean=("val_acc", "mean"),
         seeds_ok=("ok", "sum"),
         trainable_params=("trainable_params", "mean"),
+        tuned_params=("tuned_params", "mean"),
         adapter_bytes=("adapter_bytes", "mean"),
         peak_memory_mib=("peak_memory_mib", "mean"),
         step_time_s=("step_time_s", "median"),
@@ -134,12 +144,12 @@ def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
     means = summary.pivot(index="label", columns="task", values="test_mean")[tasks]
     table["mean"] = means.mean(axis=1, skipna=False).map(lambda v: "—" if pd.isna(v) else f"{v:.1f}")
     costs = summary.groupby("label").agg(
-        params=("trainable_params", "mean"),
+        params=("tuned_params", "mean"),
         mem=("peak_memory_mib", "mean"),
         step=("step_time_s", "median"),
         loaded=("timed_under_load", "any"),
     )
-    table["trainable params"] = costs.params.map(lambda v: "—" if pd.isna(v) else f"{v / 1e3:.1f}K")
+    table["tuned params"] = costs.params.map(lambda v: "—" if pd.isna(v) else f"{v / 1e3:.1f}K")
     table["peak memory (MiB)"] = costs.mem.map(lambda v: "—" if pd.isna(v) else f"{v:.1f}")
     table["step (ms)"] = [
         "—" if pd.isna(step) else f"{1e3 * step:.0f}" + (" *" if loaded is True else "")

@@ -190,6 +190,7 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
         "test_acc": evaluate(model, model.task.test, cfg),
         "loss_curve": loss_curve,
         "trainable_params": snell.count_trainable(net),
+        "tuned_params": snell.count_tuned(net),
         "total_params": sum(p.numel() for p in net.parameters()),
         "adapter_bytes": adapter_bytes(net),
         "step_time_s": median,
