@@ -28,7 +28,12 @@ MEMORY_MODELS = {
 """The memory sweep's models: display name -> timm name."""
 MEMORY_BATCH_SIZES = (8, 64)
 GPU_CHECK_RECORD = "results/gpu/gpu-check.json"
-NOTEBOOKS = ("01_kernels.ipynb", "02_sparsity_and_rank.ipynb", "03_memory.ipynb")
+NOTEBOOKS = (
+    "01_kernels.ipynb",
+    "02_sparsity_and_rank.ipynb",
+    "03_memory.ipynb",
+    "04_snella_allocation.ipynb",
+)
 NOTEBOOK_SMALL_ENV = "SNELL_NOTEBOOK_SMALL"
 NOTEBOOK_RESULTS_ENV = "SNELL_RESULTS"
 SLURM_KEYS = {

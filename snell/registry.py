@@ -38,6 +38,22 @@ class TuningConfig:
         """JSON-ready dict with the method name, the inverse of ``config_from_dict``."""
         return {"method": self.method, **dataclasses.asdict(self)}
 
+    @classmethod
+    def from_options(cls, **options: Any) -> TuningConfig:
+        """The config for ``snell.method_config(name, **options)``: options are its fields (lists become
+        tuples); an unknown one raises ValueError naming the allowed ones. A method whose options are
+        open-ended (the ``peft`` family passes PEFT's own fields through) overrides this."""
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        bad = sorted(set(options) - set(allowed))
+        if bad:
+            hints = [h for b in bad for h in difflib.get_close_matches(b, allowed, n=1)]
+            did_you_mean = f" (did you mean {', '.join(map(repr, hints))}?)" if hints else ""
+            raise ValueError(
+                f"unknown option(s) {bad} for method {cls.method!r}{did_you_mean}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+
     def without_data(self, model: nn.Module) -> TuningConfig:
         """A config that ``apply`` takes without calibration data and that tunes tensors of the same
         shapes as a data-driven selection would: what a shapes-only memory estimate applies. Methods
@@ -106,17 +122,7 @@ def config_fields(name: str) -> list[str]:
 
 def method_config(name: str, **options: Any) -> TuningConfig:
     """Build and validate a method's config; unknown options raise ValueError naming the allowed ones."""
-    spec = get_method(name)
-    allowed = config_fields(name)
-    bad = sorted(set(options) - set(allowed))
-    if bad:
-        hints = [h for b in bad for h in difflib.get_close_matches(b, allowed, n=1)]
-        did_you_mean = f" (did you mean {', '.join(map(repr, hints))}?)" if hints else ""
-        raise ValueError(
-            f"unknown option(s) {bad} for method {name!r}{did_you_mean}; allowed: {', '.join(allowed)}"
-        )
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-    return spec.config_cls(**options)
+    return get_method(name).config_cls.from_options(**options)
 
 
 def config_from_dict(data: dict[str, Any]) -> TuningConfig:

@@ -41,7 +41,9 @@ def train(model: nn.Module, steps: int = 4) -> torch.optim.Optimizer:
     g = torch.Generator().manual_seed(7)
     model.train()
     for _ in range(steps):
-        train_step(model, optimizer, torch.randn(8, 1, 16, 16, generator=g), torch.randint(5, (8,), generator=g))
+        train_step(
+            model, optimizer, torch.randn(8, 1, 16, 16, generator=g), torch.randint(5, (8,), generator=g)
+        )
     return optimizer
 
 
@@ -83,7 +85,9 @@ def test_training_changes_only_selected_entries_biases_and_head(calibration):
     model = gps_model(calibration, k=2)
     pretrained = make_tiny_vit().state_dict()
     optimizer = train(model)
-    decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    decayed = {
+        id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]
+    }
     assert id(model.head.weight) in decayed  # decay really is on for some parameters
     for name, layer in gps_layers(model).items():
         assert id(layer.base.weight) not in decayed
@@ -92,6 +96,8 @@ def test_training_changes_only_selected_entries_biases_and_head(calibration):
         assert (weight[mask] != before[mask]).all(), name
         assert torch.equal(layer.pretrained, before.gather(1, layer.indices))
     state = {k.replace(".base.", "."): v for k, v in model.state_dict().items()}
+    changed_entries = sum(int((state[k] != v).sum()) for k, v in pretrained.items())
+    assert changed_entries == snell.count_tuned(model) < snell.count_trainable(model)
     for key, before in pretrained.items():
         changed = not torch.equal(state[key], before)
         if "norm" in key or key in ("pos_embed", "cls_token", "patch_embed.proj.weight"):

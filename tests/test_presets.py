@@ -80,3 +80,97 @@ def test_paper_fgvc_preset_holds_the_scripts_values(monkeypatch):
         actual = (t.batch_size, t.lr, t.weight_decay, run.method_options["sparsity"], t.epochs)
         assert actual == pytest.approx((32, lr, weight_decay, sparsity, 100)), (task, rank)
         check_shared_schedule(t)
+
+
+# GPS: FightingFighting/GPS train_scripts/vit/{vtab,fgvc}/*/train_gps.sh (commit 72e0c31):
+# task: (batch, lr, backbone drop-path, K = times_para); every script: Adam, weight decay 0, 100 epochs,
+# warmup 10 from 1e-7, cosine to 1e-8, --contrastive selection.
+GPS_SCRIPTS = {
+    "vtab/cifar": (32, 0.01, 0.0, 1),
+    "vtab/caltech101": (16, 0.002, 0.0, 1),
+    "vtab/dtd": (16, 0.002, 0.0, 1),
+    "vtab/oxford_flowers102": (16, 0.002, 0.0, 1),
+    "vtab/oxford_iiit_pet": (32, 0.003, 0.0, 1),
+    "vtab/svhn": (32, 0.005, 0.0, 1),
+    "vtab/sun397": (16, 0.0025, 0.0, 1),
+    "vtab/patch_camelyon": (32, 0.004, 0.0, 2),
+    "vtab/eurosat": (16, 0.002, 0.0, 1),
+    "vtab/resisc45": (16, 0.0015, 0.1, 1),
+    "vtab/diabetic_retinopathy": (32, 0.002, 0.2, 1),
+    "vtab/clevr_count": (16, 0.0003, 0.1, 1),
+    "vtab/clevr_dist": (16, 0.002, 0.1, 1),
+    "vtab/dmlab": (16, 0.0015, 0.1, 1),
+    "vtab/kitti": (16, 0.001, 0.0, 1),
+    "vtab/dsprites_loc": (32, 0.007, 0.0, 1),
+    "vtab/dsprites_ori": (16, 0.0005, 0.2, 1),
+    "vtab/smallnorb_azi": (32, 0.003, 0.1, 1),
+    "vtab/smallnorb_ele": (32, 0.0003, 0.2, 1),
+    "fgvc/cub": (32, 0.003, 0.0, 2),
+    "fgvc/nabirds": (32, 0.0001, 0.1, 20),
+    "fgvc/flowers": (32, 0.001, 0.1, 1),
+    "fgvc/cars": (32, 0.0005, 0.0, 15),
+    "fgvc/dogs": (64, 0.0001, 0.0, 1),
+}
+# SNELLA: ssfgunner/SNELL scripts/{vtab,fgvc}/snella32 (commit e9d5185): task: (tuning_model, batch, lr,
+# weight decay, init_thres, target_ratio); rank 32, 100 epochs.
+SNELLA_SCRIPTS = {
+    "vtab/cifar": ("snella", 8, 1e-3, 0.05, 0.01, 0.8),
+    "vtab/caltech101": ("mixk", 16, 1e-3, 1e-4, None, None),
+    "vtab/dtd": ("snella", 8, 1e-3, 0.005, 0.01, 0.93),
+    "vtab/oxford_flowers102": ("snella", 8, 1e-3, 0.001, 0.01, 0.4),
+    "vtab/oxford_iiit_pet": ("snella", 16, 1e-3, 0.05, 0.01, 0.55),
+    "vtab/svhn": ("mixk", 16, 1e-3, 1e-4, None, None),
+    "vtab/patch_camelyon": ("snella", 8, 1e-3, 5e-4, 0.01, 0.76),
+    "vtab/diabetic_retinopathy": ("snella", 32, 1e-3, 0.05, 0.01, 0.2),
+    "vtab/smallnorb_ele": ("snella", 32, 1e-3, 0.001, 0.01, 0.63),
+    "fgvc/cub": ("snella", 16, 1e-3, 0.05, 0.0, 0.3),
+    "fgvc/dogs": ("snella", 32, 1e-4, 0.005, 0.0, 0.24),
+    "fgvc/flowers": ("snella", 16, 1e-3, 0.001, 0.0, 0.61),
+    "fgvc/nabirds": ("snella", 32, 1e-3, 5e-4, 0.0, 0.16),
+    "fgvc/cars": ("mixk", 16, 1e-3, 0.05, None, None),
+}
+
+
+def preset_runs(preset: str, methods: set[str], monkeypatch) -> dict[str, object]:
+    """The preset's runs of ``methods`` by task (one each), parsed without data folders and checkpoint."""
+    monkeypatch.setattr(bench.run.sweep, "_check_task", lambda *args: None)
+    data = yaml.safe_load(Path(f"bench/presets/{preset}.yaml").read_text())
+    data["train"].pop("checkpoint")
+    runs = [r for r in parse_sweep(data, preset).runs if r.method in methods]
+    by_task = {r.task: r for r in runs}
+    assert len(by_task) == len(runs)
+    return by_task
+
+
+def test_paper_presets_hold_the_gps_scripts_values(monkeypatch):
+    runs = {
+        **preset_runs("paper_vtab", {"gps"}, monkeypatch),
+        **preset_runs("paper_fgvc", {"gps"}, monkeypatch),
+    }
+    assert set(runs) == set(GPS_SCRIPTS)
+    for task, run in runs.items():
+        t, config = run.train, run.method_config
+        batch, lr, drop_path, k = GPS_SCRIPTS[task]
+        assert (t.batch_size, t.lr, t.drop_path_rate, config.k) == pytest.approx((batch, lr, drop_path, k)), (
+            task
+        )
+        shared = (t.weight_decay, t.epochs, t.warmup_epochs, t.warmup_lr, t.min_lr, config.loss)
+        assert shared == (0.0, 100, 10, 1e-7, 1e-8, "supcon"), task
+
+
+def test_paper_presets_hold_the_snella_scripts_values(monkeypatch):
+    methods = {"snella", "mixk"}
+    runs = {
+        **preset_runs("paper_vtab", methods, monkeypatch),
+        **preset_runs("paper_fgvc", methods, monkeypatch),
+    }
+    assert set(runs) == set(SNELLA_SCRIPTS)
+    for task, run in runs.items():
+        method, batch, lr, weight_decay, init, target = SNELLA_SCRIPTS[task]
+        t, config = run.train, run.method_config
+        assert run.method == method and config.rank == 32 and t.epochs == 100, task
+        assert (t.batch_size, t.lr, t.weight_decay) == pytest.approx((batch, lr, weight_decay)), task
+        if method == "snella":
+            assert (config.sparsity, config.target_sparsity) == pytest.approx((init, target)), task
+        else:
+            assert config.sparsity == 0.0, task

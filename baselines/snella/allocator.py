@@ -9,8 +9,9 @@ S_l = mean(I U) over its A + the same over its B; it gets a share of V in propor
 n_l entries, and its sparsity becomes 1 - share / n_l. Reallocation happens at the end of every epoch
 but the last, for the next one (the public code: at the start of every epoch but the first).
 
-Deliberate difference: shares are integers summing to V exactly (largest remainders), where the public
-code truncates each share after a float redistribution (its total falls short by up to one per matrix).
+Deliberate difference: shares are integers summing to V exactly (capped proportional shares, then largest
+remainders), where the public code truncates each share after a float redistribution (its total falls
+short by up to one per matrix).
 """
 
 from __future__ import annotations
@@ -31,27 +32,33 @@ def cubic_budget(epoch: int, epochs: int, initial: float, target: float) -> int:
 
 def share_budget(scores: Tensor, budget: int, capacity: Tensor) -> Tensor:
     """Integer shares of ``budget`` in proportion to ``scores`` (uniform if they sum to 0), each at most
-    its ``capacity``, summing to ``budget`` exactly: floors first, what is left handed out in proportion
-    among those with room, the last units one each by largest remainder."""
+    its ``capacity``, summing to ``budget`` exactly. Shares that proportion would push over capacity are
+    capped and what they cannot take goes to the others in proportion (repeated until none is over);
+    the rest get the floors of their proportional shares, and the units left one each, largest
+    remainder first (ties: the earlier matrix)."""
     capacity = capacity.to(torch.int64)
     if not 0 <= budget <= int(capacity.sum()):
         raise ValueError(f"budget {budget} outside 0 ... {int(capacity.sum())} (the entries available)")
     weights = scores.double().clamp(min=0)
-    weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(weights, 1 / len(weights))
-    shares = torch.minimum((budget * weights).floor().to(torch.int64), capacity)
-    while (left := budget - int(shares.sum())) > 0:
-        room = capacity - shares
-        open_weights = torch.where(room > 0, weights, 0.0)
-        if open_weights.sum() == 0:
-            open_weights = (room > 0).double()
-        exact = left * open_weights / open_weights.sum()
-        extra = torch.minimum(exact.floor().to(torch.int64), room)
-        if extra.sum() == 0:  # fewer units left than matrices with room: one each, largest remainder first
-            order = torch.argsort(exact - exact.floor() + open_weights, descending=True, stable=True)
-            order = order[room[order] > 0][:left]
-            extra = torch.zeros_like(shares).index_fill_(0, order, 1)
-        shares += extra
-    return shares
+    shares = torch.zeros_like(capacity)
+    active = torch.ones_like(capacity, dtype=torch.bool)
+    while True:
+        left = budget - int(shares.sum())
+        if left == 0 or not active.any():
+            return shares
+        w = torch.where(active, weights, 0.0)
+        w = w / w.sum() if w.sum() > 0 else active.double() / active.sum()
+        exact = left * w
+        over = active & (exact >= capacity - shares)
+        if not over.any():
+            break
+        shares = torch.where(over, capacity, shares)
+        active &= ~over
+    floors = exact.floor().to(torch.int64)
+    shares += floors
+    remainder = torch.where(active, exact - floors, -1.0)
+    order = torch.argsort(remainder, descending=True, stable=True)[: budget - int(shares.sum())]
+    return shares.index_add_(0, order, torch.ones_like(order))
 
 
 class SparsityAllocator(TrainingCallback):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from snell.config import SnellConfig
-from snell.sparsify import check_sparsity
 from snell.validation import check_probability
 
 
@@ -29,8 +28,9 @@ class SnellaConfig(SnellConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.target_sparsity is not None:
-            check_sparsity(self.target_sparsity)
+        target = self.target_sparsity
+        if target is not None and not (isinstance(target, int | float) and 0.0 <= target < 1.0):
+            raise ValueError(f"target_sparsity={target!r} must be None or a number in [0, 1)")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             check_probability(name, value)
