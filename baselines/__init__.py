@@ -1,3 +1,3 @@
 """Reference tuning methods, registered in snell's method registry on import."""
 
-from . import bitfit, full, gps, linear, lora, snella, spt  # noqa: F401
+from . import bitfit, full, gps, hf_peft, linear, lora, snella, spt  # noqa: F401

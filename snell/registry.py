@@ -26,6 +26,9 @@ class TuningConfig:
     """Base of every method's config. Subclasses add fields and check values in ``validate``."""
 
     method: ClassVar[str] = ""
+    open_options: ClassVar[bool] = False
+    """True for a method whose ``from_options`` takes options beyond its fields (the ``peft`` family passes
+    PEFT's config fields through): callers check its options with ``method_config``, not ``config_fields``."""
     train_head: bool = True
 
     def __post_init__(self) -> None:

@@ -178,24 +178,46 @@ def replace_modules(model: nn.Module, names: Sequence[str], factory: Callable[[s
         setattr(parent, child, factory(name, getattr(parent, child)))
 
 
+def is_foreign_adapter(module: nn.Module) -> bool:
+    """A layer of another adapter library that folds itself in: ``merge()`` adds its update to its base
+    layer's weight and ``get_base_layer()`` returns that layer (PEFT's ``BaseTunerLayer``; duck-typed, so
+    snell does not import peft)."""
+    return (
+        not isinstance(module, AdaptedLinear)
+        and callable(getattr(module, "merge", None))
+        and callable(getattr(module, "get_base_layer", None))
+    )
+
+
+def merged_foreign(layer: nn.Module) -> nn.Module:
+    """``layer``'s base layer with ``layer``'s update folded into its weight (in place)."""
+    layer.merge()
+    return layer.get_base_layer()
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its frozen weight, replacing it by a plain ``nn.Linear``. In place.
 
-    A model with no tuning method applied is an error; a method that trains the model's own weights
-    (full, linear, bitfit) has nothing to fold, which a warning says.
+    Adapters are ours (``AdaptedLinear``) or another library's (``is_foreign_adapter``: PEFT's layers,
+    replaced by their base layer after their own ``merge()``; a PEFT tuner that cannot merge raises
+    PEFT's error). A model with no tuning method applied is an error; a method that trains the model's
+    own weights (full, linear, bitfit) has nothing to fold, which a warning says.
     """
+    foreign = [n for n, m in model.named_modules() if n and is_foreign_adapter(m)]
+    foreign = [n for n in foreign if not any(n.startswith(f"{outer}.") for outer in foreign)]  # outermost
     names = [n for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
     config = getattr(model, "tuning_config", None)
-    if not names and config is None:
+    if not names and not foreign and config is None:
         raise ValueError(
             "model has no adapter to merge: apply a method (snell.apply_method) or load one first"
         )
-    if not names:
+    if not names and not foreign:
         warnings.warn(
             f"nothing to merge: method {config.method!r} trains the model's own weights (or is merged)",
             stacklevel=2,
         )
     replace_modules(model, names, lambda _, m: m.merged())
+    replace_modules(model, foreign, lambda _, m: merged_foreign(m))
     return model
 
 

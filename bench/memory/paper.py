@@ -9,6 +9,7 @@ METHODS = (
     "full",
     "linear",
     "lora-8",
+    "lora-8 (no branch dropout)",
     "lora-32",
     "spt-lora (index)",
     "spt-lora (grad mask)",
@@ -16,6 +17,7 @@ METHODS = (
     "snell-32",
     "snell-8 (no recompute)",
     "snella-8",
+    "dora-8 (peft, no dropout)",
     "gps",
     "gps (bool mask)",
 )

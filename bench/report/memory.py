@@ -65,6 +65,8 @@ def claims_table(estimates: pd.DataFrame) -> pd.DataFrame:
         "GPS (bool mask) / SNELL-8": peak["gps (bool mask)"] / snell8,
         "SNELL-8 / LoRA-8": snell8 / lora8,
         "SNELLA-8 / SNELL-8": peak["snella-8"] / snell8,
+        "DoRA-8 / LoRA-8 (PEFT, ours; no dropout)": peak["dora-8 (peft, no dropout)"]
+        / peak["lora-8 (no branch dropout)"],
         "SNELL-8 without trick / SNELL-8": peak["snell-8 (no recompute)"] / snell8,
     }).map("{:.2f}".format)  # fmt: skip
     below = peak[["lora-8", "snell-8"]].max(axis=1) < peak[["full", "gps"]].min(axis=1)

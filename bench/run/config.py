@@ -138,10 +138,11 @@ def method_label(config: Any, options: dict[str, Any], named: Sequence[str] | No
     sparsity (default: every option)."""
     method, resolved = config.method, config.to_dict()
     rank = resolved.get("rank")
-    parts = [f"{method}-{rank}" if rank is not None else method]
+    name = f"peft-{resolved['tuner']}" if method == "peft" else method  # e.g. peft-dora-8
+    parts = [f"{name}-{rank}" if rank is not None else name]
     if method == "snell":
         parts += [resolved["kernel"], f"s={resolved['sparsity']}"]
-    hidden = {"rank", "kernel", "sparsity"} | LABEL_HIDDEN
+    hidden = {"rank", "kernel", "sparsity", "tuner"} | LABEL_HIDDEN
     spelled = [k for k in sorted(options) if k not in hidden and (named is None or k in named)]
     parts += [f"{k}={options[k]}" for k in spelled]
     return " ".join(parts)

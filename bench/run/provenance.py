@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "safetensors", "snell-bench")
+PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "safetensors", "peft", "snell-bench")
 REPO = Path(__file__).resolve().parents[2]
 
 
