@@ -314,6 +314,9 @@ def test_save_load_restores_tensors_and_allocated_sparsities(tmp_path):
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
+        snell.merge(loaded)  # the allocated ratios fold in: plain linear layers, the same outputs
+        assert not snell_layers(loaded)
+        torch.testing.assert_close(loaded(images), model(images), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
