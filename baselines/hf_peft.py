@@ -50,11 +50,11 @@ from snell.registry import Calibration, TuningConfig, register_method
 from snell.validation import check_rank
 from snell.wrap import (
     DEFAULT_TARGETS,
-    check_patterns_match,
     classifier,
     freeze_all_but_head,
     matches,
     set_cls_token_trainable,
+    targets_except_head,
 )
 
 PEFT_VERSION: str = peft.__version__
@@ -300,9 +300,7 @@ def _fake_tensor_moves(model: nn.Module) -> Iterator[None]:
 
 def peft_targets(model: nn.Module) -> list[str]:
     """Full names of the standard targets (``DEFAULT_TARGETS``) of ``model``, never its head."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    names = check_patterns_match(model, DEFAULT_TARGETS, defaults_may_miss=True)
-    return [n for n in names if model.get_submodule(n) is not head]
+    return targets_except_head(model, DEFAULT_TARGETS)
 
 
 @register_method("peft", PeftMethodConfig, "PEFT: a Hugging Face PEFT tuner on the standard targets")

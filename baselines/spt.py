@@ -28,11 +28,10 @@ from snell.validation import check_probability, check_rank, check_rank_fits, che
 from snell.wrap import (
     DEFAULT_TARGETS,
     AdaptedLinear,
-    check_patterns_match,
-    find_linear_targets,
     freeze_all_but_head,
     replace_modules,
     set_cls_token_trainable,
+    targets_except_head,
 )
 
 from .lora import LoraLinear
@@ -149,8 +148,7 @@ class SptConfig(TuningConfig):
         """
         if self.plan:
             return self
-        head = _head(model)
-        names = [n for n in find_linear_targets(model, self.targets) if model.get_submodule(n) is not head]
+        names = targets_except_head(model, self.targets)
         share = max(1, budget_entries(model, self.budget) // len(names))
         return dataclasses.replace(self, plan={"matrices": dict.fromkeys(names, share), "vectors": []})
 
@@ -323,9 +321,7 @@ def _check_plan(plan: dict[str, Any], names: list[str], vectors: dict[str, nn.Pa
 @register_method("spt-lora", SptConfig, "SPT-LoRA: sensitivity-aware LoRA and sparse tuning")
 def apply_spt(model: nn.Module, cfg: SptConfig, calibration: Calibration = None) -> SptConfig:
     """Select by sensitivity on ``calibration`` (or rebuild ``cfg.plan``); return the config with the plan."""
-    head = _head(model)
-    targets = check_patterns_match(model, cfg.targets, defaults_may_miss=cfg.targets == DEFAULT_TARGETS)
-    names = [n for n in targets if model.get_submodule(n) is not head]
+    names = targets_except_head(model, cfg.targets)
     check_rank_fits(model, names, cfg.rank)
     vectors = _tunable_vectors(model)
     if cfg.plan:

@@ -34,16 +34,23 @@ def count_tuned(model: nn.Module) -> int:
     layer's ``tuned_entries``. Equals ``count_trainable`` except for methods whose gradients are larger
     than what they tune (GPS: full-size weights, K entries per row selected)."""
     layers = _adapted(model)
-    outside = sum(
-        p.numel()
-        for n, p in model.named_parameters()
-        if p.requires_grad and not any(n.startswith(prefix) for prefix in layers)
-    )
+    outside = sum(p.numel() for p in _trainable_outside(model, layers).values())
     return outside + sum(layer.tuned_entries() for layer in layers.values())
 
 
 def _adapted(model: nn.Module) -> dict[str, AdaptedLinear]:
+    """Adapted layers by their state-dict prefix (name and a dot)."""
     return {f"{n}.": m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def _outside(name: str, layers: dict[str, AdaptedLinear]) -> bool:
+    """Whether a state-dict name belongs to none of ``layers`` (``_adapted``'s prefixes)."""
+    return not any(name.startswith(prefix) for prefix in layers)
+
+
+def _trainable_outside(model: nn.Module, layers: dict[str, AdaptedLinear]) -> dict[str, nn.Parameter]:
+    """Trainable parameters of ``model`` outside the adapted ``layers`` (head, cls token, biases...)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and _outside(n, layers)}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -52,11 +59,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     SNELLA's allocator decided), by state-dict name."""
     state = model.state_dict()
     layers = _adapted(model)
-    found = {
-        n: state[n]
-        for n, p in model.named_parameters()
-        if p.requires_grad and not any(n.startswith(prefix) for prefix in layers)
-    }
+    found = {n: state[n] for n in _trainable_outside(model, layers)}
     for prefix, layer in layers.items():
         found |= {prefix + n: t for n, t in layer.adapter_tensors().items()}
     for prefix, module in model.named_modules():
@@ -116,7 +119,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             for prefix, layer in layers.items():
                 own = {k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)}
                 layer.load_adapter_tensors(own)
-            rest = {k: t for k, t in tensors.items() if not any(k.startswith(p) for p in layers)}
+            rest = {k: t for k, t in tensors.items() if _outside(k, layers)}
             model.load_state_dict(rest, strict=False)
     return model
 

@@ -170,6 +170,14 @@ def check_patterns_match(model: nn.Module, patterns: Sequence[str], *, defaults_
     return names
 
 
+def targets_except_head(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """The ``nn.Linear`` targets of ``patterns`` (``check_patterns_match``: a default pattern may match
+    nothing), never the classifier head: what methods that choose among targets adapt (SPT, PEFT's)."""
+    names = check_patterns_match(model, patterns, defaults_may_miss=tuple(patterns) == DEFAULT_TARGETS)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return [n for n in names if model.get_submodule(n) is not head]
+
+
 def replace_modules(model: nn.Module, names: Sequence[str], factory: Callable[[str, nn.Module], nn.Module]):
     """Replace each named submodule by ``factory(name, module)``."""
     for name in names:

@@ -83,14 +83,13 @@ class SparsityAllocator(TrainingCallback):
         self.beta1, self.beta2 = beta1, beta2
         self.units = [f"{name}.{'qkv'[g]}" if layer.groups == 3 else name
                       for name, layer in layers.items() for g in range(layer.groups)]  # fmt: skip
-        sizes = [layer.out_features // layer.groups * layer.in_features for layer in self.layers]
-        self.capacity = [n for n, layer in zip(sizes, self.layers, strict=True) for _ in range(layer.groups)]
+        self.capacity = [layer.out_features // layer.groups * layer.in_features
+                         for layer in self.layers for _ in range(layer.groups)]  # fmt: skip
         self.initial = (1 - init_sparsity) * sum(self.capacity)
         self.target = (1 - target_sparsity) * sum(self.capacity)
         self.history: list[dict[str, float]] = []
         self.budgets: list[int] = []
         for i, layer in enumerate(self.layers):
-            layer.sparsity = (init_sparsity,) * layer.groups
             for kind, factor in (("a", layer.lora_A), ("b", layer.lora_B)):
                 for stat in ("importance", "uncertainty"):
                     self.register_buffer(f"{stat}_{kind}{i}", torch.zeros_like(factor), persistent=False)
@@ -98,6 +97,7 @@ class SparsityAllocator(TrainingCallback):
             "ratios", torch.full((len(self.units),), float(init_sparsity), dtype=torch.float64)
         )
         self.register_load_state_dict_post_hook(lambda module, _: module._set_ratios(module.ratios.tolist()))
+        self._set_ratios([float(init_sparsity)] * len(self.units))  # not from the buffer: fake in estimates
         self._remember(int(self.initial))
 
     def _set_ratios(self, ratios: list[float]) -> None:
