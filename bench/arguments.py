@@ -27,6 +27,8 @@ MEMORY_MODELS = {
 }
 """The memory sweep's models: display name -> timm name."""
 MEMORY_BATCH_SIZES = (8, 64)
+ATTENTIONS = ("fused", "explicit")
+"""How a timm ViT computes attention (``bench.backbones.set_attention``)."""
 GPU_CHECK_RECORD = "results/gpu/gpu-check.json"
 NOTEBOOKS = (
     "01_kernels.ipynb",
@@ -123,6 +125,12 @@ def _memory(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, default=None, help="override the model's input size")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument(
+        "--attention",
+        choices=ATTENTIONS,
+        default="fused",
+        help="fused: timm's default; explicit: softmax(q k^T) v as the public SNELL / GPS code computes it",
+    )
+    p.add_argument(
         "--measure",
         choices=("cpu", "cuda"),
         help="also run the step for real on this device and print the measured peak beside the estimate",
@@ -134,6 +142,13 @@ def _memory_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", choices=list(MEMORY_MODELS), default=list(MEMORY_MODELS))
     p.add_argument("--batch-sizes", nargs="+", type=int, default=list(MEMORY_BATCH_SIZES))
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 = bf16 autocast")
+    p.add_argument(
+        "--attention",
+        nargs="+",
+        choices=ATTENTIONS,
+        default=["explicit", "fused"],
+        help="explicit: as the public SNELL / GPS code (the paper's figures); fused: timm's default",
+    )
     p.add_argument("--workers", type=workers, default=min(2, os.cpu_count() or 1), help="processes")
     p.add_argument("--measure", action="store_true", help="also measure every point on the GPU (needs CUDA)")
     p.add_argument(

@@ -15,6 +15,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, load_state_
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from bench.arguments import ATTENTIONS
 from bench.data.embedded import IMG_SIZE, MNIST_MEAN, MNIST_STD
 from bench.run.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
 
@@ -146,3 +147,27 @@ def _load_state_dict(model: nn.Module, path: Path) -> None:
             f"{path} does not fit {_arch(model)}: {len(missing)} missing keys {missing[:_SHOW_KEYS]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:_SHOW_KEYS]}"
         )
+
+
+def check_attention(attention: str) -> None:
+    """Raise ValueError, naming the allowed values, unless ``attention`` is one of ``ATTENTIONS``."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r}: expected one of {ATTENTIONS}")
+
+
+def set_attention(model: nn.Module, attention: str) -> nn.Module:
+    """Compute attention ``"fused"`` (timm's default: ``F.scaled_dot_product_attention``, which keeps no
+    token-by-token matrix for backward) or ``"explicit"`` (``softmax(q k^T) v``, as the public SNELL and GPS
+    code and timm before 0.9 compute it: every block keeps its batch x heads x N x N attention matrix for
+    backward, which is in the memory figures of the SNELL paper). Same outputs; only memory and speed differ.
+    """
+    check_attention(attention)
+    modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    if attention == "explicit" and not modules:
+        raise ValueError(
+            f"attention='explicit' needs timm attention modules (a `fused_attn` switch); "
+            f"{type(model).__name__} has none"
+        )
+    for module in modules:
+        module.fused_attn = attention == "fused"
+    return model

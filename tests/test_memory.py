@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -12,12 +13,13 @@ import timm
 import torch
 
 import snell
+from bench.backbones import set_attention
 from bench.memory.estimate import MemoryEstimate, step_memory
 from bench.memory.estimate import main as memory_command
 from bench.memory.paper import METHODS, MODELS, PAPER_MB
 from bench.memory.plots import plot_breakdown, plot_memory_vs_model_size
 from bench.report.measurements import render_folder
-from bench.report.memory import claims_table
+from bench.report.memory import attention_table, claims_table
 from bench.run.measurements import write_measurement
 
 SMALL = "vit_mnist_patch7_28"  # 6 blocks, width 128: a real step takes well under a second
@@ -67,6 +69,33 @@ def test_ordering_on_a_small_model():
     assert peak["snell"] < peak["snell no recompute"]
 
 
+def test_explicit_attention_keeps_each_blocks_attention_matrix():
+    """Explicit attention (the public code's) keeps each block's batch x heads x N x N fp32 attention matrix
+    where timm's fused kernel keeps its batch x heads x N log-sum-exp: the estimate differs by exactly that,
+    and a real CPU step agrees with the estimate."""
+    model = timm.create_model(SMALL)
+    blocks, heads, tokens = (
+        len(model.blocks),
+        model.blocks[0].attn.num_heads,
+        model.patch_embed.num_patches + 1,
+    )
+    explicit = step_memory(SMALL, CONFIGS["lora"], 16, code_path_of="cpu", attention="explicit")
+    assert explicit.attention == "explicit" and estimate("lora").attention == "fused"
+    added = explicit.peak_bytes - estimate("lora").peak_bytes
+    assert added == blocks * 16 * heads * (tokens**2 - tokens) * 4
+    measured = step_memory(SMALL, CONFIGS["lora"], 16, measure_on="cpu", attention="explicit")
+    assert measured.peak_bytes == pytest.approx(explicit.peak_bytes, rel=0.02)
+
+
+def test_bad_attention_is_refused_with_the_allowed_values():
+    with pytest.raises(ValueError, match=r"attention='flash'.*'fused', 'explicit'"):
+        step_memory(SMALL, CONFIGS["lora"], 16, attention="flash")
+    with pytest.raises(ValueError, match="needs timm attention modules.*Linear"):
+        set_attention(torch.nn.Linear(2, 2), "explicit")
+    model = set_attention(timm.create_model(SMALL), "explicit")
+    assert not any(block.attn.fused_attn for block in model.blocks)
+
+
 def test_vit_b16_estimate_allocates_under_1_gb():
     """The estimate itself (not the torch/timm imports before it) stays under 1 GiB of real memory."""
     code = (
@@ -95,20 +124,22 @@ FAKE_PEAKS = {"lora-8": 1000, "snell-8": 1050, "full": 3000, "spt-lora (grad mas
 
 
 def fake_sweep() -> pd.DataFrame:
-    """A sweep's estimates with made-up round numbers: LoRA-8 = 1000 * model index, SNELL-8 5% more."""
+    """A sweep's estimates with made-up round numbers: LoRA-8 = 1000 * model index with fused attention,
+    SNELL-8 5% more; explicit attention adds 10% to every peak."""
     rows = []
     for i, (arch, name) in enumerate(MODELS.items(), start=1):
-        for batch in (8, 64):
-            for method in METHODS:
-                peak = {"lora-8": 1000, "snell-8": 1050, "full": 3000, "spt-lora (grad mask)": 2500}.get(
-                    method, 2000
-                )
-                rows.append({
-                    "arch": arch, "method": method, "model": name, "batch_size": batch, "precision": "fp32",
-                    "params_total": i * 100e6, "peak_mib": peak * i, "params_mib": 100 * i, "buffers_mib": 0,
-                    "grads_mib": 0, "optimizer_mib": 10, "activations_mib": peak * i - 110 * i,
-                    "temporaries_mib": 0, "other_mib": 0, "device": "estimate: fake tensors on CPU",
-                })  # fmt: skip
+        for batch, attention, method in itertools.product((8, 64), ("explicit", "fused"), METHODS):
+            peak = {"lora-8": 1000, "snell-8": 1050, "full": 3000, "spt-lora (grad mask)": 2500}.get(
+                method, 2000
+            )
+            peak *= 1.1 if attention == "explicit" else 1
+            rows.append({
+                "arch": arch, "method": method, "model": name, "batch_size": batch, "precision": "fp32",
+                "attention": attention, "params_total": i * 100e6, "peak_mib": peak * i,
+                "params_mib": 100 * i, "buffers_mib": 0, "grads_mib": 0, "optimizer_mib": 10,
+                "activations_mib": peak * i - 110 * i, "temporaries_mib": 0, "other_mib": 0,
+                "device": "estimate: fake tensors on CPU",
+            })  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -134,6 +165,9 @@ def test_markdown_puts_our_figures_beside_the_paper(tmp_path):
     table = claims_table(fake_sweep())
     assert set(table["SNELL-8 / LoRA-8"]) == {"1.05"}
     assert set(table["LoRA-8, SNELL-8 below both"]) == {"yes"}
+    added = attention_table(fake_sweep()).set_index(["arch", "batch_size"]).loc["ViT-H/14", 64]
+    assert list(added) == ["300", "900", "3,000", "1.10"]  # 10% of the least / most / LoRA-8 peak, x3
+    assert "| ViT-H/14 |           64 |" in text.split("## What timm's fused attention saves")[1]
     assert (tmp_path / "memory.csv").is_file() and (tmp_path / "memory_vs_model_size.png").is_file()
 
 
@@ -152,7 +186,7 @@ def test_markdown_puts_gpu_peaks_beside_the_estimates(tmp_path):
 
 
 def test_figures_are_written(tmp_path):
-    frame = fake_sweep()
+    frame = fake_sweep().query("attention == 'explicit'")
     plot_memory_vs_model_size(frame, tmp_path / "size.png", list(METHODS))
     plot_breakdown(frame, tmp_path / "breakdown.png", arch="ViT-B/16", batch_size=64, methods=list(METHODS))
     for name in ("size.png", "breakdown.png"):

@@ -3,7 +3,9 @@
 The model is built on the meta device and materialised as fake tensors (shapes and dtypes, no data);
 one training step then runs under torch's ``MemTracker``, which follows every tensor storage and
 reports the peak with its breakdown (parameters, buffers, gradients, optimizer state, activations,
-temporaries). ``step_memory(..., measure_on="cpu" | "cuda")`` runs the same step on real tensors
+temporaries). Attention runs as timm's fused kernel or, with ``attention="explicit"``, as the public SNELL
+and GPS code computes it (``bench.backbones.set_attention``), which keeps each block's attention matrix.
+``step_memory(..., measure_on="cpu" | "cuda")`` runs the same step on real tensors
 (CPU: torch.profiler's allocation events; CUDA: ``torch.cuda.max_memory_allocated``) to check it.
 
 The step is training's own (``bench.step.train_step``): ``model.train()``, AdamW over the trainable
@@ -33,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 import snell
 from bench import step
 from bench.arguments import parse
-from bench.backbones import create_backbone
+from bench.backbones import check_attention, create_backbone, set_attention
 from bench.run.measure import MIB, StepMemoryTracker, peak_breakdown
 from snell.layer import code_path
 
@@ -52,6 +54,7 @@ class MemoryEstimate:
     config: dict[str, Any]
     batch_size: int
     precision: str
+    attention: str
     peak_bytes: int
     breakdown: dict[str, int]
     params_total: int
@@ -76,12 +79,14 @@ class _Setup(NamedTuple):
     params_total: int
 
 
-def _backbone(model_name: str, img_size: int | None, num_classes: int, device: str) -> nn.Module:
+def _backbone(
+    model_name: str, img_size: int | None, num_classes: int, device: str, attention: str
+) -> nn.Module:
     """The timm model with random weights on ``device`` ("meta" for estimates: built outside the fake mode,
     where timm's drop-path schedule calls ``.item()``, then materialised inside it with ``to_empty``)."""
     kwargs = {"img_size": img_size} if img_size else {}
     with torch.device(device):
-        return create_backbone(model_name, num_classes, pretrained=False, **kwargs)
+        return set_attention(create_backbone(model_name, num_classes, pretrained=False, **kwargs), attention)
 
 
 def _setup(model: nn.Module, config: snell.TuningConfig, img_size: int | None) -> _Setup:
@@ -112,6 +117,7 @@ def _result(
     model_name: str,
     batch_size: int,
     precision: str,
+    attention: str,
     peak: int,
     breakdown: dict[str, int],
     device: str,
@@ -120,14 +126,24 @@ def _result(
     config = setup.model.tuning_config.to_dict()
     trainable = snell.count_trainable(setup.model)
     return MemoryEstimate(
-        model_name, config, batch_size, precision, peak, breakdown, setup.params_total, trainable, device
+        model_name,
+        config,
+        batch_size,
+        precision,
+        attention,
+        peak,
+        breakdown,
+        setup.params_total,
+        trainable,
+        device,
     )
 
 
-def _check_args(precision: str, batch_size: int) -> None:
+def _check_args(precision: str, batch_size: int, attention: str) -> None:
     step.check_precision(precision)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    check_attention(attention)
 
 
 def step_memory(
@@ -140,6 +156,7 @@ def step_memory(
     num_classes: int = 100,
     measure_on: str | None = None,
     code_path_of: str = "cuda",
+    attention: str = "fused",
 ) -> MemoryEstimate:
     """Peak memory of one training step of timm ``model_name`` tuned by ``config``.
 
@@ -148,16 +165,17 @@ def step_memory(
     code: ``snell.layer.code_path``). ``measure_on="cpu"`` or ``"cuda"`` runs the same step on real tensors
     instead and returns the allocator's peak tensor bytes (CPU: from torch.profiler's allocation events,
     plus what was live before; CUDA: ``torch.cuda.max_memory_allocated``): for small models, or on a GPU.
-    ``img_size`` overrides the model's input size.
+    ``img_size`` overrides the model's input size; ``attention`` is ``bench.backbones.set_attention``'s.
     """
-    _check_args(precision, batch_size)
+    _check_args(precision, batch_size, attention)
     if measure_on is not None:
-        setup = _setup(_backbone(model_name, img_size, num_classes, measure_on), config, img_size)
+        backbone = _backbone(model_name, img_size, num_classes, measure_on, attention)
+        setup = _setup(backbone, config, img_size)
         peak = _measured_peak(setup, lambda: _train_step(setup, batch_size, precision))
         cuda = torch.device(measure_on).type == "cuda"
         name = torch.cuda.get_device_name(measure_on) if cuda else "measured: CPU"
-        return _result(setup, model_name, batch_size, precision, peak, {}, name)
-    model = _backbone(model_name, img_size, num_classes, "meta")
+        return _result(setup, model_name, batch_size, precision, attention, peak, {}, name)
+    model = _backbone(model_name, img_size, num_classes, "meta", attention)
     # the meta-device model is the fake mode's only real input
     with FakeTensorMode(allow_non_fake_inputs=True), code_path(code_path_of):
         setup = _setup(model.to_empty(device="cpu"), config, img_size)
@@ -166,7 +184,7 @@ def step_memory(
         with tracker:
             _train_step(setup, batch_size, precision)
     peak, breakdown = peak_breakdown(tracker)
-    return _result(setup, model_name, batch_size, precision, peak, breakdown, ESTIMATE_DEVICE)
+    return _result(setup, model_name, batch_size, precision, attention, peak, breakdown, ESTIMATE_DEVICE)
 
 
 def _allocations(nodes: list, device: torch.device) -> Iterator:
@@ -205,7 +223,7 @@ def format_estimate(estimate: MemoryEstimate) -> str:
     """A short human-readable report: peak and breakdown in MiB."""
     lines = [
         f"{estimate.model}  {estimate.config['method']}  batch {estimate.batch_size}  {estimate.precision}"
-        f"  ({estimate.device})",
+        f"  {estimate.attention} attention  ({estimate.device})",
         f"  trainable {estimate.trainable_params:,} of {estimate.params_total:,} backbone parameters",
         f"  peak        {estimate.peak_bytes / MIB:10.1f} MiB",
     ]
@@ -219,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     config = snell.method_config(args.method, **args.options)
-    shape = {"img_size": args.img_size, "num_classes": args.num_classes}
+    shape = {"img_size": args.img_size, "num_classes": args.num_classes, "attention": args.attention}
     estimate = step_memory(args.model, config, args.batch_size, args.precision, **shape)
     print(format_estimate(estimate))
     if args.measure:

@@ -29,3 +29,6 @@ PAPER_MB = {
 }
 """Peak training memory in the SNELL paper's tables (batch 8; GPS is its sparse-tuning baseline)."""
 PAPER_BATCH = 8
+PAPER_ATTENTION = "explicit"
+"""The attention of the public SNELL and GPS code, whose memory the paper reports
+(``bench.backbones.set_attention``)."""

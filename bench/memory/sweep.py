@@ -1,8 +1,8 @@
 """Peak training memory of every method at paper scale (ViT-B/16, ViT-L/16, ViT-H/14), on a CPU.
 
-Estimates every (model, batch size, method) with fake tensors (``bench.memory.estimate``), in parallel worker
-processes, and writes them as the record ``memory-sweep.json``; ``bench.report.memory`` renders
-``memory.csv``, the two figures and ``memory_vs_paper.md`` (beside the paper's figures) from it. With
+Estimates every (model, batch size, method, attention) with fake tensors (``bench.memory.estimate``), in
+parallel worker processes, and writes them as the record ``memory-sweep.json``; ``bench.report.memory``
+renders ``memory.csv``, the two figures and ``memory_vs_paper.md`` (beside the paper's figures) from it. With
 ``--measure`` and a GPU, each point is also run for real and its ``torch.cuda.max_memory_allocated``
 recorded, to check the estimates.
 """
@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from bench.arguments import parse
+from bench.arguments import ATTENTIONS, parse
 from bench.memory.estimate import step_memory
 from bench.memory.paper import METHODS, MODELS
 from bench.methods import preset_config
@@ -33,6 +33,7 @@ class Point(NamedTuple):
     method: str
     batch_size: int
     precision: str
+    attention: str
 
 
 def _row(point: Point, device: str | None = None) -> dict[str, Any]:
@@ -40,7 +41,7 @@ def _row(point: Point, device: str | None = None) -> dict[str, Any]:
     with the seconds it took."""
     step = (MODELS[point.arch], preset_config(point.method), point.batch_size, point.precision)
     start = time.perf_counter()
-    result = step_memory(*step, measure_on=device)
+    result = step_memory(*step, measure_on=device, attention=point.attention)
     seconds = time.perf_counter() - start
     return {"arch": point.arch, "method": point.method, **result.to_dict(), "seconds": seconds}
 
@@ -68,9 +69,9 @@ def measure_all(points: list[Point], device: str) -> pd.DataFrame:
 
 
 def _order(frame: pd.DataFrame) -> pd.DataFrame:
-    keys = {"arch": list(MODELS), "method": list(METHODS)}
+    keys = {"arch": list(MODELS), "method": list(METHODS), "attention": list(ATTENTIONS)}
     return frame.sort_values(
-        ["arch", "batch_size", "precision", "method", "device"],
+        ["arch", "batch_size", "precision", "attention", "method", "device"],
         key=lambda col: col.map(keys[col.name].index) if col.name in keys else col,
     ).reset_index(drop=True)
 
@@ -83,9 +84,10 @@ def run(args: argparse.Namespace) -> None:
     if args.measure and not torch.cuda.is_available():
         sys.exit("--measure needs a CUDA device; none is available")
     points = [
-        Point(arch, method, batch, args.precision)
+        Point(arch, method, batch, args.precision, attention)
         for arch in args.models
         for batch in args.batch_sizes
+        for attention in args.attention
         for method in METHODS
     ]
     start = time.perf_counter()

@@ -1,6 +1,7 @@
 """The memory sweep's report: ``memory.csv``, two figures and ``memory_vs_paper.md`` from its record.
 
-Our estimates beside the SNELL paper's table, the paper's claims as ratios of peaks, every method's peak,
+Our estimates beside the SNELL paper's table and the paper's claims as ratios of peaks (both with the public
+code's explicit attention, as the paper measured), what timm's fused attention saves, every method's peak,
 and real CUDA peaks (the sweep's ``--measure`` rows, or the ``bench gpu-check`` record) beside the estimates.
 """
 
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.arguments import ATTENTIONS
 from bench.memory.estimate import ESTIMATE_DEVICE
-from bench.memory.paper import METHODS, MODELS, PAPER_BATCH, PAPER_MB
+from bench.memory.paper import METHODS, MODELS, PAPER_ATTENTION, PAPER_BATCH, PAPER_MB
 from bench.memory.plots import plot_breakdown, plot_memory_vs_model_size
 from bench.run.measurements import read_measurement
 
@@ -21,15 +23,19 @@ def _mib(value: float) -> str:
 
 
 def peaks(estimates: pd.DataFrame) -> pd.DataFrame:
-    """Peak MiB by (model, batch size) and method, models in size order, methods in ``METHODS`` order."""
-    peak = estimates.pivot(index=["arch", "batch_size"], columns="method", values="peak_mib")
-    rows = sorted(peak.index, key=lambda row: (list(MODELS).index(row[0]), row[1]))
+    """Peak MiB by (model, batch size, attention) and method, models in size order, methods in ``METHODS``
+    order."""
+    peak = estimates.pivot(index=["arch", "batch_size", "attention"], columns="method", values="peak_mib")
+    order = {"arch": list(MODELS), "attention": list(ATTENTIONS)}
+    rows = sorted(
+        peak.index, key=lambda row: (order["arch"].index(row[0]), row[1], order["attention"].index(row[2]))
+    )
     return peak.loc[rows, [m for m in METHODS if m in peak.columns]]
 
 
 def paper_table(estimates: pd.DataFrame) -> pd.DataFrame:
-    """Ours beside the paper's figures at the paper's batch size, one row per model."""
-    peak = peaks(estimates).xs(PAPER_BATCH, level="batch_size")
+    """Ours beside the paper's figures at the paper's batch size and attention, one row per model."""
+    peak = peaks(estimates).xs((PAPER_BATCH, PAPER_ATTENTION), level=("batch_size", "attention"))
     rows = []
     for arch in peak.index:
         paper, ours = PAPER_MB[arch], peak.loc[arch]
@@ -53,9 +59,9 @@ def paper_table(estimates: pd.DataFrame) -> pd.DataFrame:
 
 
 def claims_table(estimates: pd.DataFrame) -> pd.DataFrame:
-    """The paper's memory claims as ratios of peaks, at every model size and batch, and whether LoRA-8
-    and SNELL-8 stay below both full fine-tuning and GPS."""
-    peak = peaks(estimates)
+    """The paper's memory claims as ratios of peaks, at every model size and batch (the paper's attention),
+    and whether LoRA-8 and SNELL-8 stay below both full fine-tuning and GPS."""
+    peak = peaks(estimates).xs(PAPER_ATTENTION, level="attention")
     snell8, lora8, gps = peak["snell-8"], peak["lora-8"], peak["gps"]
     table = pd.DataFrame({
         "LoRA-8 / full": lora8 / peak["full"],
@@ -73,11 +79,25 @@ def claims_table(estimates: pd.DataFrame) -> pd.DataFrame:
     return table.assign(**{"LoRA-8, SNELL-8 below both": below.map({True: "yes", False: "NO"})})
 
 
+def attention_table(estimates: pd.DataFrame) -> pd.DataFrame:
+    """What explicit attention adds to the peak of fused attention, per model and batch: its range over the
+    methods, and LoRA-8's fused peak for scale."""
+    peak = peaks(estimates)
+    explicit, fused = (peak.xs(kind, level="attention") for kind in ("explicit", "fused"))
+    added = explicit - fused
+    return pd.DataFrame({
+        "explicit - fused (MiB), least": added.min(axis=1).map(_mib),
+        "most": added.max(axis=1).map(_mib),
+        "LoRA-8 fused (MiB)": fused["lora-8"].map(_mib),
+        "LoRA-8 explicit / fused": (explicit["lora-8"] / fused["lora-8"]).map("{:.2f}".format),
+    }).reset_index()  # fmt: skip
+
+
 def measured_table(measured: pd.DataFrame, estimates: pd.DataFrame) -> str:
     """Real peaks (``peak_mib``, ``device``) beside the estimates of the same model, method, batch and
     precision. A measurement of another adapter layout (other trainable parameters: an earlier commit)
     is listed, not compared."""
-    keys = ["model", "method", "batch_size", "precision"]
+    keys = ["model", "method", "batch_size", "precision", "attention"]
     both = measured.drop(columns="arch", errors="ignore").merge(
         estimates, on=keys, suffixes=("", "_estimate")
     )
@@ -107,7 +127,8 @@ def gpu_check_peaks(path: Path) -> pd.DataFrame | None:
     _, tables = read_measurement(path)
     steps = tables["steps"]
     own_layout = steps[steps.variant != "reference-8"]  # the public code's layout has no estimate
-    return own_layout.rename(columns={"cuda_max_allocated_mib": "peak_mib"})
+    # gpu-check runs timm's default attention
+    return own_layout.rename(columns={"cuda_max_allocated_mib": "peak_mib"}).assign(attention="fused")
 
 
 def render_memory_sweep(record: dict, tables: dict[str, pd.DataFrame], folder: Path) -> dict[str, str]:
@@ -115,11 +136,14 @@ def render_memory_sweep(record: dict, tables: dict[str, pd.DataFrame], folder: P
     frame = tables["points"]
     frame.to_csv(folder / "memory.csv", index=False)
     estimates = frame[frame.device == ESTIMATE_DEVICE]
-    plot_memory_vs_model_size(estimates, folder / "memory_vs_model_size.png", list(METHODS))
-    arch, batch = estimates.arch.iloc[0], estimates.batch_size.max()
+    attentions = set(estimates.attention)
+    shown = PAPER_ATTENTION if PAPER_ATTENTION in attentions else estimates.attention.iloc[0]
+    figures = estimates[estimates.attention == shown]
+    plot_memory_vs_model_size(figures, folder / "memory_vs_model_size.png", list(METHODS))
+    arch, batch = figures.arch.iloc[0], figures.batch_size.max()
     slug = arch.lower().replace("-", "_").replace("/", "")
     plot_breakdown(
-        estimates,
+        figures,
         folder / f"memory_breakdown_{slug}_b{batch}.png",
         arch=arch,
         batch_size=batch,
@@ -130,13 +154,20 @@ def render_memory_sweep(record: dict, tables: dict[str, pd.DataFrame], folder: P
     if gpu is not None:
         measured.append(gpu)
     measured = pd.concat(measured, ignore_index=True)
+    paper = PAPER_ATTENTION in attentions
     return {
         "precision": ", ".join(sorted(estimates.precision.unique())),
         "paper_batch": str(PAPER_BATCH),
+        "figure_attention": shown,
         "table_paper": paper_table(estimates).to_markdown(index=False)
-        if PAPER_BATCH in set(estimates.batch_size)
-        else f"(no batch-{PAPER_BATCH} estimates in this sweep)",
-        "table_claims": claims_table(estimates).reset_index().to_markdown(index=False),
+        if paper and PAPER_BATCH in set(estimates.batch_size)
+        else f"(no batch-{PAPER_BATCH} estimates with {PAPER_ATTENTION} attention in this sweep)",
+        "table_claims": claims_table(estimates).reset_index().to_markdown(index=False)
+        if paper
+        else f"(no estimates with {PAPER_ATTENTION} attention in this sweep)",
+        "table_attention": attention_table(estimates).to_markdown(index=False)
+        if attentions == set(ATTENTIONS)
+        else "(this sweep has one attention only)",
         "table_peaks": peaks(estimates).map(_mib).reset_index().to_markdown(index=False),
         "table_measured": "(none)" if measured.empty else measured_table(measured, estimates),
     }
