@@ -12,9 +12,13 @@ baseline of its memory figure.
 Deliberate differences from the public code (FightingFighting/GPS), each an option where it matters:
 selection in eval mode (the code's train mode with drop-path 0 is the same on a ViT), cross-entropy by
 default (``loss="supcon"``: its supervised-contrastive loss, one view per image instead of two), only
-``nn.Linear`` targets (the code also selects in the patch-embedding convolution), and ``mask``: the
-code keeps a float32 mask of every parameter ("float32", the default, as measured in the paper), a
-bool mask ("bool") or only the indices ("indices") hold the same selection in less memory.
+``nn.Linear`` targets (the code also selects in the patch-embedding convolution), and ``mask``: a bool
+mask of every weight ("bool", the default: one byte per entry, masked by one ``torch.where``), where the
+code keeps a float32 mask ("float32": 4 bytes per entry, the layout whose memory the SNELL paper reports)
+or only the selected indices ("indices": no mask; a gather and a scatter into a fresh zero gradient per
+step). All three train the same entries to the same values; only memory and kernels differ. The default
+is ours, as SNELL's is (``snell/layer.py``): each method in its leanest standard layout by default, the
+public code's layout as an option, so that memory comparisons are not skewed by one method's overheads.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ class GpsLinear(AdaptedLinear):
     entries' pretrained values (out x k): the update is their difference, and the adapter file holds
     only the selected entries."""
 
-    def __init__(self, base: nn.Linear, indices: Tensor, mask: str = "float32") -> None:
+    def __init__(self, base: nn.Linear, indices: Tensor, mask: str = "bool") -> None:
         super().__init__(base)
         base.weight.requires_grad_(True)
         exclude_from_weight_decay(base.weight)
@@ -135,7 +139,7 @@ class GpsConfig(TuningConfig):
     'cross_entropy' or 'supcon' (the code's supervised-contrastive variant, see ``snell.calibration``).
     calibration_batches: batches summed for selection (None: every batch given, as the code's one pass
     over the training set). targets: globs over nn.Linear names. train_bias: every bias outside the norms
-    trains. mask: 'float32' (the code's, 4 bytes per weight entry), 'bool' or 'indices' (see module doc).
+    trains. mask: 'bool' (1 byte per weight entry), 'float32' (the code's, 4 bytes) or 'indices' (module doc).
     selected: set by apply (do not set by hand); with it, apply rebuilds the layout with placeholder
     selections, which ``load_adapter`` then fills in, and needs no calibration.
     """
@@ -145,7 +149,7 @@ class GpsConfig(TuningConfig):
     calibration_batches: int | None = None
     targets: tuple[str, ...] = DEFAULT_TARGETS
     train_bias: bool = True
-    mask: str = "float32"
+    mask: str = "bool"
     selected: bool = False
 
     def validate(self) -> None:

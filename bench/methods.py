@@ -2,10 +2,10 @@
 
 One table, so that "lora-8" or "snell-8 (no branch dropout)" means the same config in every table.
 Each is the method's defaults (as the paper's runs: branch dropout and drop-path 0.1, SNELL sparsity
-0.9, q, k and v as separate adapters, SPT budget 400k entries; GPS one entry per row with the public
-code's float32 mask; SNELLA from 1% to 80% sparsity; PEFT's DoRA on timm's fused qkv, one A for q, k and
-v, without dropout: PEFT's nn.Dropout keeps a 4-byte mask on a CPU, which would overstate a GPU's
-memory) except the options named.
+0.9, q, k and v as separate adapters, SPT budget 400k entries; GPS one entry per row with a bool gradient
+mask, the public code's float32 mask being its own preset; SNELLA from 1% to 80% sparsity; PEFT's DoRA
+on timm's fused qkv, one A for q, k and v, without dropout: PEFT's nn.Dropout keeps a 4-byte mask on a
+CPU, which would overstate a GPU's memory) except the options named.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ METHOD_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "snell-8 (no branch dropout)": ("snell", {"rank": 8, "dropout": 0.0, "drop_path": 0.0}),
     "snell-8 (no recompute)": ("snell", {"rank": 8, "recompute": False}),
     "gps": ("gps", {}),
-    "gps (bool mask)": ("gps", {"mask": "bool"}),
+    "gps (float32 mask)": ("gps", {"mask": "float32"}),
     "snella-8": ("snella", {"rank": 8}),
     "dora-8 (peft, no dropout)": ("peft", {"tuner": "dora", "rank": 8, "lora_dropout": 0.0}),
 }

@@ -19,7 +19,7 @@ METHODS = (
     "snella-8",
     "dora-8 (peft, no dropout)",
     "gps",
-    "gps (bool mask)",
+    "gps (float32 mask)",
 )
 """The swept presets of ``bench.methods.METHOD_PRESETS``, in table order."""
 PAPER_MB = {
