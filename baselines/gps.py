@@ -85,7 +85,8 @@ class GpsLinear(AdaptedLinear):
         """``grad`` with every entry outside the selection zeroed (a fresh tensor)."""
         if self.mask is None:
             return torch.zeros_like(grad).scatter_(1, self.indices, grad.gather(1, self.indices))
-        return torch.where(self.mask != 0, grad, 0)
+        keep = self.mask if self.mask.dtype == torch.bool else self.mask != 0
+        return torch.where(keep, grad, 0)
 
     def values(self) -> Tensor:
         """The selected entries of the weight (out x k)."""
