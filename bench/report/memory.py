@@ -82,15 +82,19 @@ def claims_table(estimates: pd.DataFrame) -> pd.DataFrame:
 
 
 def attention_table(estimates: pd.DataFrame) -> pd.DataFrame:
-    """What explicit attention adds to the peak of fused attention, per model and batch: its range over the
-    methods, and LoRA-8's fused peak for scale."""
+    """What explicit attention adds to the peak of fused attention, per model and batch: the amount most
+    methods share, the methods whose amount differs, and LoRA-8's ratio for scale."""
     peak = peaks(estimates)
     explicit, fused = (peak.xs(kind, level="attention") for kind in ("explicit", "fused"))
-    added = explicit - fused
+    added = (explicit - fused).round()
+    common = added.mode(axis=1)[0]
+    differ = [
+        ", ".join(f"{method} {value:,.0f}" for method, value in row.items() if value != common[key]) or "-"
+        for key, row in added.iterrows()
+    ]
     return pd.DataFrame({
-        "explicit - fused (MiB), least": added.min(axis=1).map(_mib),
-        "most": added.max(axis=1).map(_mib),
-        "LoRA-8 fused (MiB)": fused["lora-8"].map(_mib),
+        "explicit - fused (MiB), most methods": common.map(_mib),
+        "methods that differ (MiB)": differ,
         "LoRA-8 explicit / fused": (explicit["lora-8"] / fused["lora-8"]).map("{:.2f}".format),
     }).reset_index()  # fmt: skip
 
