@@ -23,6 +23,11 @@ CATEGORY_COLUMNS = {
 DPI = 150
 
 
+def _setting(rows: pd.DataFrame) -> str:
+    """Precision and attention of the plotted estimates, e.g. "fp32, explicit attention"."""
+    return f"{'/'.join(rows.precision.unique())}, {'/'.join(rows.attention.unique())} attention"
+
+
 def plot_memory_vs_model_size(estimates: pd.DataFrame, path: Path, methods: list[str]) -> None:
     """One panel per batch size: peak MiB of each method against the backbone's parameter count."""
     data = estimates.assign(params_m=estimates.params_total / 1e6)
@@ -39,7 +44,7 @@ def plot_memory_vs_model_size(estimates: pd.DataFrame, path: Path, methods: list
         ax.set(
             xlabel="backbone (parameters)",
             ylabel="peak memory of a training step (MiB)",
-            title=f"batch {batch}, {'/'.join(panel.precision.unique())}",
+            title=f"batch {batch}, {_setting(panel)}",
             ylim=(0, None),
         )
         ax.grid(alpha=0.3)
@@ -67,7 +72,7 @@ def plot_breakdown(
     ax.set(
         xlabel="memory live at the step's peak (MiB)",
         ylabel="",
-        title=f"{arch}, batch {batch_size}, {'/'.join(rows.precision.unique())}: peak memory by category",
+        title=f"{arch}, batch {batch_size}, {_setting(rows)}: peak memory by category",
     )
     ax.set_xlim(0, totals.max() * 1.12)
     ax.grid(axis="x", alpha=0.3)
