@@ -171,3 +171,10 @@ def set_attention(model: nn.Module, attention: str) -> nn.Module:
     for module in modules:
         module.fused_attn = attention == "fused"
     return model
+
+
+def attention_of(model: nn.Module) -> str:
+    """How ``model`` computes attention: "explicit" if any timm attention module has ``fused_attn`` off
+    (``set_attention``, or timm's ``TIMM_FUSED_ATTN=0``), else "fused"."""
+    explicit = any(not m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+    return "explicit" if explicit else "fused"

@@ -26,6 +26,7 @@ def test_gpu_check_script_runs_on_a_cpu_and_its_report_renders_from_the_record(t
     rows = record["tables"]["steps"]["data"]
     assert {(r["variant"], r["branch"]) for r in rows} == {(v.name, v.branch) for v in gpu_check.VARIANTS}
     assert all(r["steps"] == 2 and r["step_time_ms"] > 0 for r in rows)
+    assert {r["attention"] for r in rows} == {"fused"}  # timm's default, what the memory report compares
     report = folder / "gpu_check.md"
     first = report.read_bytes()
     assert b"commit 0123456789" in first and b"time snell-8 / reference-8" in first

@@ -175,11 +175,14 @@ def test_markdown_puts_our_figures_beside_the_paper(tmp_path):
 def test_markdown_puts_gpu_peaks_beside_the_estimates(tmp_path):
     gpu = pd.DataFrame([
         {"model": "vit_base_patch16_224", "variant": "lora-8", "method": "lora-8", "batch_size": 8,
-         "precision": "fp32", "cuda_max_allocated_mib": 1100.0, "device": "NVIDIA H200"},
+         "precision": "fp32", "attention": "fused", "cuda_max_allocated_mib": 1100.0,
+         "device": "NVIDIA H200"},
         {"model": "vit_base_patch16_224", "variant": "lora-8", "method": "lora-8", "batch_size": 8,
-         "precision": "bf16", "cuda_max_allocated_mib": 900.0, "device": "NVIDIA H200"},  # no bf16 estimate
+         "precision": "bf16", "attention": "fused", "cuda_max_allocated_mib": 900.0,
+         "device": "NVIDIA H200"},  # no bf16 estimate
         {"model": "vit_base_patch16_224", "variant": "reference-8", "method": "snell-8", "batch_size": 8,
-         "precision": "fp32", "cuda_max_allocated_mib": 1500.0, "device": "NVIDIA H200"},  # no estimate
+         "precision": "fp32", "attention": "fused", "cuda_max_allocated_mib": 1500.0,
+         "device": "NVIDIA H200"},  # no estimate
     ])  # fmt: skip
     section = render_sweep(tmp_path, gpu).split("## Real measurements beside the estimates")[1]
     rows = [line for line in section.splitlines() if line.startswith("| ViT")]

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import snell
 from bench import step
 from bench.arguments import parse
-from bench.backbones import create_backbone
+from bench.backbones import attention_of, create_backbone
 from bench.perf.variants import Variant, apply_variant
 from bench.report.measurements import render_folder
 from bench.run.measurements import write_measurement
@@ -123,12 +123,12 @@ def check(batch: int, precision: str, args: argparse.Namespace) -> list[dict]:
             torch.cuda.empty_cache()
     setups = [build(variant, batch, precision, **options) for variant in VARIANTS]
     times = interleaved(setups, args.warmup, args.steps)
-    for row, variant, seconds in zip(rows, VARIANTS, times, strict=True):
-        median = statistics.median(seconds)
+    for row, setup, seconds in zip(rows, setups, times, strict=True):
+        median, variant = statistics.median(seconds), setup.variant
         row.update({
             "model": args.model, "variant": variant.name, "branch": variant.branch, "method": variant.preset,
-            "batch_size": batch, "precision": precision, "steps": len(seconds),
-            "step_time_ms": 1e3 * median, "images_per_s": batch / median,
+            "batch_size": batch, "precision": precision, "attention": attention_of(setup.model),
+            "steps": len(seconds), "step_time_ms": 1e3 * median, "images_per_s": batch / median,
             "device": device_name(torch.device(args.device)),
         })  # fmt: skip
     return rows

@@ -133,8 +133,7 @@ def gpu_check_peaks(path: Path) -> pd.DataFrame | None:
     _, tables = read_measurement(path)
     steps = tables["steps"]
     own_layout = steps[steps.variant != "reference-8"]  # the public code's layout has no estimate
-    # gpu-check runs timm's default attention
-    return own_layout.rename(columns={"cuda_max_allocated_mib": "peak_mib"}).assign(attention="fused")
+    return own_layout.rename(columns={"cuda_max_allocated_mib": "peak_mib"})
 
 
 def render_memory_sweep(record: dict, tables: dict[str, pd.DataFrame], folder: Path) -> dict[str, str]:
