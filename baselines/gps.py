@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snell.calibration import LOSSES, gradient_sums
+from snell.families import trains_head
 from snell.registry import Calibration, TuningConfig, exclude_from_weight_decay, register_method
 from snell.validation import check_targets
 from snell.wrap import (
@@ -187,7 +188,7 @@ def trains_as_bias(name: str, param: nn.Parameter) -> bool:
 @register_method("gps", GpsConfig, "GPS: gradient-based parameter selection (top-k inputs per neuron)")
 def apply_gps(model: nn.Module, cfg: GpsConfig, calibration: Calibration = None) -> GpsConfig:
     """Select on ``calibration`` (or, with ``cfg.selected``, lay out placeholders for loading)."""
-    head = classifier(model) if cfg.train_head else None
+    head = classifier(model) if trains_head(model, cfg.train_head) else None
     targets = check_patterns_match(model, cfg.targets, defaults_may_miss=cfg.targets == DEFAULT_TARGETS)
     layers = {n: model.get_submodule(n) for n in targets if model.get_submodule(n) is not head}
     narrow = {n: m.in_features for n, m in layers.items() if m.in_features < cfg.k}

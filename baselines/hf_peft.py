@@ -46,6 +46,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from snell.callbacks import TrainingCallback
+from snell.families import trains_head
 from snell.registry import Calibration, TuningConfig, register_method
 from snell.validation import check_rank
 from snell.wrap import (
@@ -306,7 +307,7 @@ def peft_targets(model: nn.Module) -> list[str]:
 @register_method("peft", PeftMethodConfig, "PEFT: a Hugging Face PEFT tuner on the standard targets")
 def apply_peft(model: nn.Module, cfg: PeftMethodConfig, calibration: Calibration = None) -> PeftMethodConfig:
     """Inject the tuner's layers (PEFT freezes everything else), then unfreeze the head and cls token."""
-    head = classifier(model) if cfg.train_head else None
+    head = classifier(model) if trains_head(model, cfg.train_head) else None
     config = cfg.peft_config(peft_targets(model))
     tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
     attributes = set(model.__dict__)

@@ -15,8 +15,10 @@ class LinearProbeConfig(TuningConfig):
     """No options: the backbone is frozen, the head trains."""
 
     def validate(self) -> None:
-        if not self.train_head:
-            raise ValueError("train_head=False leaves a linear probe with nothing to train; allowed: True")
+        if self.train_head is False:
+            raise ValueError(
+                "train_head=False leaves a linear probe with nothing to train; allowed: True or None"
+            )
 
 
 @register_method("linear", LinearProbeConfig, "linear probe: head only")

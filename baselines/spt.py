@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snell.calibration import gradient_sums
+from snell.families import head_module
 from snell.registry import Calibration, TuningConfig, register_method
 from snell.validation import check_probability, check_rank, check_rank_fits, check_targets
 from snell.wrap import (
@@ -278,7 +279,8 @@ def _tunable_vectors(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _head(model: nn.Module) -> nn.Module:
-    return model.get_classifier() if hasattr(model, "get_classifier") else nn.Identity()
+    head = head_module(model)
+    return nn.Identity() if head is None else head
 
 
 def budget_entries(model: nn.Module, budget: int | float) -> int:

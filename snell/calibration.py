@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .families import task_loss
 from .registry import Calibration
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -17,8 +18,8 @@ LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 def cross_entropy(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy of the model's logits."""
-    return F.cross_entropy(model(images), labels)
+    """Cross-entropy of the model's logits (a causal LM's next-token loss: ``snell.families.task_loss``)."""
+    return task_loss(model, images, labels)
 
 
 def supervised_contrastive(

@@ -13,10 +13,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .families import head_module, trains_head
 from .validation import check_rank_fits
 
-DEFAULT_TARGETS = ("*attn.qkv", "*attn.q", "*attn.k", "*attn.v", "*attn.proj", "*mlp.fc1", "*mlp.fc2")
-"""q, k, v (timm fuses them into ``qkv``), attention proj, fc1 and fc2 of every block."""
+VISION_TARGETS = ("*attn.qkv", "*attn.q", "*attn.k", "*attn.v", "*attn.proj", "*mlp.fc1", "*mlp.fc2")
+"""A timm ViT block's q, k, v (timm fuses them into ``qkv``), attention proj, fc1 and fc2."""
+
+CAUSAL_LM_TARGETS = ("*q_proj", "*k_proj", "*v_proj", "*o_proj", "*gate_proj", "*up_proj", "*down_proj")
+"""A LLaMA-family decoder layer's q, k, v, o projections and its MLP's gate, up and down projections (the
+LLM-Adapters / DoRA convention; Mistral and Qwen2 use the same names)."""
+
+DEFAULT_TARGETS = VISION_TARGETS + CAUSAL_LM_TARGETS
+"""The standard targets of both families (``snell.families``): a model matches one family's names, and a
+default pattern that matches nothing is no error."""
 
 
 NO_DROPOUT_TARGETS = ("*attn.proj",)
@@ -174,7 +183,7 @@ def targets_except_head(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """The ``nn.Linear`` targets of ``patterns`` (``check_patterns_match``: a default pattern may match
     nothing), never the classifier head: what methods that choose among targets adapt (SPT, PEFT's)."""
     names = check_patterns_match(model, patterns, defaults_may_miss=tuple(patterns) == DEFAULT_TARGETS)
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head = head_module(model)
     return [n for n in names if model.get_submodule(n) is not head]
 
 
@@ -229,19 +238,24 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def freeze_all_but_head(model: nn.Module, train_head: bool) -> None:
-    """Freeze every parameter, then unfreeze the classifier (timm's ``get_classifier``) if asked."""
-    head = classifier(model) if train_head else None
+def freeze_all_but_head(model: nn.Module, train_head: bool | None) -> None:
+    """Freeze every parameter, then unfreeze the head if ``train_head`` (None: the family's default,
+    ``snell.families.trains_head``) asks for it."""
+    head = classifier(model) if trains_head(model, train_head) else None
     model.requires_grad_(False)
     if head is not None:
         head.requires_grad_(True)
 
 
 def classifier(model: nn.Module) -> nn.Module:
-    """The model's classification head, as timm exposes it."""
-    if not hasattr(model, "get_classifier"):
-        raise ValueError(f"{type(model).__name__} has no get_classifier(); pass train_head=False")
-    return model.get_classifier()
+    """The model's head (``snell.families.head_module``: timm's classifier or a causal LM's lm_head)."""
+    head = head_module(model)
+    if head is None:
+        raise ValueError(
+            f"{type(model).__name__} has neither get_classifier() (timm) nor an lm_head "
+            "(get_output_embeddings(), transformers); pass train_head=False"
+        )
+    return head
 
 
 def set_cls_token_trainable(model: nn.Module, train: bool) -> None:

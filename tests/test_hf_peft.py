@@ -207,7 +207,7 @@ def test_config_round_trips_through_dict_and_json():
     data = json.loads(json.dumps(config.to_dict()))
     assert data == {
         "method": "peft",
-        "train_head": True,
+        "train_head": None,
         "tuner": "dora",
         "rank": 8,
         "options": {"lora_alpha": 16, "layers_to_transform": [0, 1]},
