@@ -27,6 +27,22 @@ MEMORY_MODELS = {
 }
 """The memory sweep's models: display name -> timm name."""
 MEMORY_BATCH_SIZES = (8, 64)
+LLM_MEMORY_MODELS = {"LLaMA-2-7B": "llama2_7b", "LLaMA-2-13B": "llama2_13b"}
+"""The LLM memory sweep's models: display name -> ``bench.llm.models`` name (shapes from a config)."""
+LLM_MEMORY_METHODS = (
+    "full",
+    "lora-32 (commonsense)",
+    "snell-32 (commonsense)",
+    "dora-32 (commonsense)",
+    "gps",
+)
+"""The LLM memory sweep's presets of ``bench.methods.METHOD_PRESETS``, in table order."""
+LLM_MEMORY_BATCH_SIZE = 16
+LLM_MEMORY_SEQ_LEN = 256
+"""The commonsense recipe's micro batch and cutoff length (NVlabs/DoRA ``llama2_7B_DoRA.sh``)."""
+CHECKPOINTING = ("off", "on")
+"""Gradient (activation) checkpointing of every decoder layer, off or on."""
+FROZEN_DTYPES = ("fp32", "bf16")
 ATTENTIONS = ("fused", "explicit")
 """How a timm ViT computes attention (``bench.backbones.set_attention``)."""
 GPU_CHECK_RECORD = "results/gpu/gpu-check.json"
@@ -117,7 +133,11 @@ def _pretrain(p: argparse.ArgumentParser) -> None:
 
 
 def _memory(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="timm model name, e.g. vit_base_patch16_224 (random weights)")
+    p.add_argument(
+        "model",
+        help="timm model name, e.g. vit_base_patch16_224, or a causal LM of bench.llm.models, e.g. llama2_7b "
+        "(random weights)",
+    )
     p.add_argument("--method", default="lora", help="a registered method (snell.list_methods())")
     p.add_argument("--options", type=json.loads, default={}, help='method options as JSON: {"rank": 8}')
     p.add_argument("--batch-size", type=int, default=8)
@@ -130,11 +150,57 @@ def _memory(p: argparse.ArgumentParser) -> None:
         default="fused",
         help="fused: timm's default; explicit: softmax(q k^T) v as the public SNELL / GPS code computes it",
     )
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (causal LMs only; required)")
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute each decoder layer (causal LMs only)"
+    )
+    p.add_argument(
+        "--frozen-dtype",
+        choices=FROZEN_DTYPES,
+        default="fp32",
+        help="storage of the frozen weights (trainable ones are float32)",
+    )
     p.add_argument(
         "--measure",
         choices=("cpu", "cuda"),
         help="also run the step for real on this device and print the measured peak beside the estimate",
     )
+
+
+def _llm_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", type=Path, default=Path("results/memory"), help="output directory")
+    p.add_argument("--models", nargs="+", choices=list(LLM_MEMORY_MODELS), default=list(LLM_MEMORY_MODELS))
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=LLM_MEMORY_METHODS,
+        default=list(LLM_MEMORY_METHODS),
+        metavar="PRESET",
+        help=f"presets of bench.methods (default: all of {', '.join(LLM_MEMORY_METHODS)})",
+    )
+    p.add_argument("--batch-size", type=int, default=LLM_MEMORY_BATCH_SIZE)
+    p.add_argument("--seq-len", type=int, default=LLM_MEMORY_SEQ_LEN, help="tokens per sample")
+    p.add_argument("--checkpointing", nargs="+", choices=CHECKPOINTING, default=list(CHECKPOINTING))
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="bf16 = bf16 autocast")
+    p.add_argument(
+        "--frozen-dtype",
+        choices=FROZEN_DTYPES,
+        default="bf16",
+        help="storage of the frozen weights (trainable ones are float32: mixed precision's master weights)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=ATTENTIONS,
+        default="fused",
+        help="fused: transformers' sdpa (its default); explicit: its eager softmax(q k^T) v",
+    )
+    p.add_argument("--workers", type=workers, default=min(2, os.cpu_count() or 1), help="processes")
+
+
+def _check_llm_memory(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
 
 
 def _memory_sweep(p: argparse.ArgumentParser) -> None:
@@ -172,6 +238,15 @@ def _perf_step(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=9, help="timed steps per variant, at most")
     p.add_argument("--budget", type=float, default=150.0, help="seconds of timed rounds, after 3 rounds")
     p.add_argument(
+        "--llama-model",
+        default="llama_7b_width",
+        help="named LLaMA shape (bench.llm.models) of the LLaMA setting; '' skips it",
+    )
+    p.add_argument("--llama-batch", type=int, default=1, help="sequences per step in the LLaMA setting")
+    p.add_argument("--llama-seq-len", type=int, default=64, help="tokens per sequence in the LLaMA setting")
+    p.add_argument("--llama-threads", type=int, default=2, help="torch threads in the LLaMA setting")
+    p.add_argument("--llama-rounds", type=int, default=2, help="timed steps per variant, LLaMA setting")
+    p.add_argument(
         "--vit-b-batch-sizes",
         type=int,
         nargs="*",
@@ -191,6 +266,13 @@ def _gpu_check(p: argparse.ArgumentParser) -> None:
     p.add_argument("--commit", help="the git commit measured (a device machine's copy has no git metadata)")
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model (random weights)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a try of the script on a small model")
+    p.add_argument(
+        "--llama-model",
+        default="llama2_7b",
+        help="named LLaMA shape for the bf16 LLaMA rows ('' skips them; llama_tiny with --device cpu)",
+    )
+    p.add_argument("--llama-batch", type=int, default=16, help="sequences per step in the LLaMA rows")
+    p.add_argument("--llama-seq-len", type=int, default=256, help="tokens per sequence in the LLaMA rows")
 
 
 def _notebooks(p: argparse.ArgumentParser) -> None:
@@ -211,6 +293,9 @@ def _check_perf_step(args: argparse.Namespace) -> None:
             f"--batch-sizes {args.batch_sizes}, --image-sizes {args.image_sizes} and --threads "
             f"{args.threads} must have the same length (one value each per setting)"
         )
+    for flag in ("llama_batch", "llama_seq_len", "llama_threads", "llama_rounds"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
 
 
 def _check_sweep(args: argparse.Namespace) -> None:
@@ -247,6 +332,12 @@ COMMANDS = {
     ),
     "memory-sweep": Command(
         "bench.memory.sweep", "memory estimates over models x batches x methods, with figures", _memory_sweep
+    ),
+    "llm-memory": Command(
+        "bench.memory.llm_sweep",
+        "memory estimates of LLaMA-2-7B / -13B under the commonsense recipe, per method and checkpointing",
+        _llm_memory,
+        _check_llm_memory,
     ),
     "perf-step": Command(
         "bench.perf.step_bench",

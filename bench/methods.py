@@ -6,6 +6,12 @@ Each is the method's defaults (as the paper's runs: branch dropout and drop-path
 mask, the public code's float32 mask being its own preset; SNELLA from 1% to 80% sparsity; PEFT's DoRA
 on timm's fused qkv, one A for q, k and v, without dropout: PEFT's nn.Dropout keeps a 4-byte mask on a
 CPU, which would overstate a GPU's memory) except the options named.
+
+The "(commonsense)" presets are the LLaMA recipe's (NVlabs/DoRA ``commonsense_reasoning``, which the
+SNELL paper's LLaMA appendix follows): rank 32, alpha 64, dropout 0.05 on the adapter's input; SNELL-32
+with the same branch dropout, no drop-path (the recipe has none) and the library's kernel
+(piecewise-linear) and sparsity (0.9). Targets are the library's defaults, on LLaMA q, k, v, o, gate,
+up and down (the DoRA script adapts q, k, v, up and down).
 """
 
 from __future__ import annotations
@@ -25,11 +31,16 @@ METHOD_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "snell-8": ("snell", {"rank": 8}),
     "snell-32": ("snell", {"rank": 32}),
     "snell-8 (no branch dropout)": ("snell", {"rank": 8, "dropout": 0.0, "drop_path": 0.0}),
+    "lora-32 (no branch dropout)": ("lora", {"rank": 32, "dropout": 0.0}),
+    "snell-32 (no branch dropout)": ("snell", {"rank": 32, "dropout": 0.0, "drop_path": 0.0}),
     "snell-8 (no recompute)": ("snell", {"rank": 8, "recompute": False}),
     "gps": ("gps", {}),
     "gps (float32 mask)": ("gps", {"mask": "float32"}),
     "snella-8": ("snella", {"rank": 8}),
     "dora-8 (peft, no dropout)": ("peft", {"tuner": "dora", "rank": 8, "lora_dropout": 0.0}),
+    "lora-32 (commonsense)": ("lora", {"rank": 32, "alpha": 64.0, "dropout": 0.05}),
+    "snell-32 (commonsense)": ("snell", {"rank": 32, "dropout": 0.05, "drop_path": 0.0}),
+    "dora-32 (commonsense)": ("peft", {"tuner": "dora", "rank": 32, "lora_alpha": 64, "lora_dropout": 0.05}),
 }
 
 

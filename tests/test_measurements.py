@@ -20,6 +20,7 @@ def test_gpu_check_script_runs_on_a_cpu_and_its_report_renders_from_the_record(t
     gpu_check.main([
         "--device", "cpu", "--model", EMBEDDED_BACKBONE, "--batch-sizes", "2", "--precisions", "fp32",
         "--warmup", "1", "--steps", "2", "--results", str(folder), "--commit", "0123456789abcdef",
+        "--llama-model", "llama_tiny", "--llama-batch", "2", "--llama-seq-len", "8",
     ])  # fmt: skip
     record = json.loads((folder / "gpu-check.json").read_text())
     assert record["provenance"]["git_commit"] == "0123456789abcdef"
@@ -27,9 +28,15 @@ def test_gpu_check_script_runs_on_a_cpu_and_its_report_renders_from_the_record(t
     assert {(r["variant"], r["branch"]) for r in rows} == {(v.name, v.branch) for v in gpu_check.VARIANTS}
     assert all(r["steps"] == 2 and r["step_time_ms"] > 0 for r in rows)
     assert {r["attention"] for r in rows} == {"fused"}  # timm's default, what the memory report compares
+    llama = record["tables"]["llama"]["data"]
+    assert [(r["variant"], r["model"], r["steps"]) for r in llama] == [
+        ("lora-32", "llama_tiny", 2),
+        ("snell-32", "llama_tiny", 2),
+    ]
     report = folder / "gpu_check.md"
     first = report.read_bytes()
     assert b"commit 0123456789" in first and b"time snell-8 / reference-8" in first
+    assert b"| snell-32 " in first and b"tokens_per_s" in first
     report.unlink()
     report_command(["--results", str(tmp_path)])
     assert report.read_bytes() == first
@@ -38,15 +45,23 @@ def test_gpu_check_script_runs_on_a_cpu_and_its_report_renders_from_the_record(t
 def test_step_benchmark_compares_like_for_like_and_with_the_floor(tmp_path):
     step_bench.main([
         "--batch-sizes", "2", "--image-sizes", "32", "--threads", "1", "--rounds", "1", "--warmup", "0",
-        "--vit-b-batch-sizes", "--results", str(tmp_path),
+        "--vit-b-batch-sizes", "--llama-model", "llama_tiny", "--llama-seq-len", "8", "--llama-threads", "1",
+        "--results", str(tmp_path),
     ])  # fmt: skip
     record = json.loads((tmp_path / "perf-step.json").read_text())
     rows = record["tables"]["steps"]["data"]
     assert {(r["variant"], r["branch"]) for r in rows} == {(v.name, v.branch) for v in step_bench.VARIANTS}
     floor = {r["branch"]: r for r in rows if r["variant"] == "matmul floor"}
     assert floor["off"]["peak_mib"] is None and floor["paper"]["step_s"] > 0
+    llama = {r["variant"]: r for r in record["tables"]["llama"]["data"]}
+    assert set(llama) == {v.name for v in step_bench.LLAMA_VARIANTS}
+    assert (
+        llama["snell-32"]["tokens"] == 8
+        and llama["snell-32"]["peak_mib"] > llama["lora-32"]["peak_mib"] * 0.5
+    )
     text = (tmp_path / "perf_step.md").read_text()
     assert "| time snell-8 / lora-8 " in text and "branch paper" in text
+    assert "time / lora-32" in text and "llama_tiny, 8 tokens, 1 thread " in text
 
 
 @pytest.mark.parametrize("folder", ["perf", "memory"])

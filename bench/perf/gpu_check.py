@@ -1,6 +1,9 @@
 """The GPU check: step time, kernel launches and CUDA peak memory of LoRA-8, SNELL-8, the public code's
 layout and full fine-tuning on ViT-B/16, in one prepared call for a lent GPU.
 
+It also times LoRA-32 and SNELL-32 on LLaMA-2-7B-shaped decoder layers in bf16 (``--llama-model``, weights
+in bf16, q/k/v/o/gate/up/down adapted, the commonsense recipe's batch 16 x 256 tokens), the same way.
+
 For each (batch, precision) every variant first runs alone (3 warm-up steps, then one step for the CUDA
 peak, ``torch.cuda.max_memory_allocated``, and one under the profiler, counting kernel launches); then all
 variants are built together and take turns step by step (warm-up, then ``--steps`` timed rounds,
@@ -52,6 +55,12 @@ VARIANTS = (
 )
 
 
+LLAMA_VARIANTS = (
+    Variant("lora-32", "lora-32 (no branch dropout)", "off"),
+    Variant("snell-32", "snell-32 (no branch dropout)", "off"),
+)
+
+
 @dataclass
 class Setup:
     variant: Variant
@@ -59,24 +68,45 @@ class Setup:
     step: Callable[[], None]
 
 
+def stepper(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, precision: str, device: str, **kwargs
+) -> Callable[[], None]:
+    """One training step of ``model`` (AdamW over its trainable parameters), synchronised on CUDA."""
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4
+    )
+
+    def run() -> None:
+        step.train_step(model, optimizer, inputs, labels, precision=precision, **kwargs)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    return run
+
+
 def build(variant: Variant, batch: int, precision: str, *, model_name: str, device: str) -> Setup:
     """``variant`` on a fresh backbone (random weights, same seed), with its optimizer and a batch."""
     torch.manual_seed(0)
     model = apply_variant(create_backbone(model_name, 100, pretrained=False), variant)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4
-    )
     input_size = timm.data.resolve_model_data_config(model)["input_size"]
     images = torch.randn(batch, *input_size, device=device)
     labels = torch.randint(100, (batch,), device=device)
+    return Setup(variant, model, stepper(model, images, labels, precision, device))
 
-    def run() -> None:
-        step.train_step(model, optimizer, images, labels, precision=precision)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
 
-    return Setup(variant, model, run)
+def build_llama(variant: Variant, args: argparse.Namespace) -> Setup:
+    """``variant`` on a LLaMA of ``args.llama_model``'s shape in bf16 (random weights, same seed), with a
+    batch of random token ids as their own next-token labels."""
+    from bench.llm.models import create_causal_lm
+    from snell.families import causal_lm_loss, output_logits
+
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = apply_variant(create_causal_lm(args.llama_model, dtype=torch.bfloat16), variant).train()
+    ids = torch.randint(model.config.vocab_size, (args.llama_batch, args.llama_seq_len), device=args.device)
+    loss = lambda out, labels: causal_lm_loss(output_logits(out), labels)
+    return Setup(variant, model, stepper(model, ids, ids, "bf16", args.device, loss_fn=loss))
 
 
 def alone(setup: Setup, warmup: int, on_cuda: bool) -> dict:
@@ -110,25 +140,47 @@ def interleaved(setups: list[Setup], warmup: int, steps: int) -> list[list[float
     return times
 
 
-def check(batch: int, precision: str, args: argparse.Namespace) -> list[dict]:
-    """Every variant's row at one batch size and precision."""
+def measured(
+    variants: tuple[Variant, ...], make: Callable[[Variant], Setup], args: argparse.Namespace
+) -> tuple[list[dict], list[Setup], list[list[float]]]:
+    """Each variant alone (peak, launches), then all of them taking turns: rows, setups and times."""
     on_cuda = args.device.startswith("cuda")
-    options = {"model_name": args.model, "device": args.device}
     rows = []
-    for variant in VARIANTS:
-        setup = build(variant, batch, precision, **options)
+    for variant in variants:
+        setup = make(variant)
         rows.append(alone(setup, args.warmup, on_cuda))
         del setup
         if on_cuda:
             torch.cuda.empty_cache()
-    setups = [build(variant, batch, precision, **options) for variant in VARIANTS]
-    times = interleaved(setups, args.warmup, args.steps)
+    setups = [make(variant) for variant in variants]
+    return rows, setups, interleaved(setups, args.warmup, args.steps)
+
+
+def check(batch: int, precision: str, args: argparse.Namespace) -> list[dict]:
+    """Every variant's row at one batch size and precision."""
+    options = {"model_name": args.model, "device": args.device}
+    rows, setups, times = measured(VARIANTS, lambda v: build(v, batch, precision, **options), args)
     for row, setup, seconds in zip(rows, setups, times, strict=True):
         median, variant = statistics.median(seconds), setup.variant
         row.update({
             "model": args.model, "variant": variant.name, "branch": variant.branch, "method": variant.preset,
             "batch_size": batch, "precision": precision, "attention": attention_of(setup.model),
             "steps": len(seconds), "step_time_ms": 1e3 * median, "images_per_s": batch / median,
+            "device": device_name(torch.device(args.device)),
+        })  # fmt: skip
+    return rows
+
+
+def check_llama(args: argparse.Namespace) -> list[dict]:
+    """LoRA-32 and SNELL-32 rows on the LLaMA shape, bf16."""
+    rows, setups, times = measured(LLAMA_VARIANTS, lambda v: build_llama(v, args), args)
+    tokens = args.llama_batch * args.llama_seq_len
+    for row, setup, seconds in zip(rows, setups, times, strict=True):
+        median = statistics.median(seconds)
+        row.update({
+            "model": args.llama_model, "variant": setup.variant.name, "method": setup.variant.preset,
+            "batch_size": args.llama_batch, "seq_len": args.llama_seq_len, "precision": "bf16 weights",
+            "steps": len(seconds), "step_time_ms": 1e3 * median, "tokens_per_s": tokens / median,
             "device": device_name(torch.device(args.device)),
         })  # fmt: skip
     return rows
@@ -146,12 +198,15 @@ def run(args: argparse.Namespace) -> None:
     rows = []
     for batch, precision in tqdm(groups, desc="gpu check"):
         rows += check(batch, precision, args)
+    tables = {"steps": pd.DataFrame(rows)}
+    if args.llama_model:
+        tables["llama"] = pd.DataFrame(check_llama(args))
     write_measurement(
         args.results,
         kind="gpu-check",
         argv=args.argv,
         settings={"model": args.model, "warmup": args.warmup, "steps": args.steps},
-        tables={"steps": pd.DataFrame(rows)},
+        tables=tables,
         device=torch.device(args.device),
         commit=args.commit,
     )

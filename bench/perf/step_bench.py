@@ -1,5 +1,6 @@
 """Step benchmark: training-step time and peak memory of SNELL-8 against LoRA-8, the public code's
-layout and the matmul floor, on CPU-sized ViTs.
+layout and the matmul floor, on CPU-sized ViTs; and of SNELL-32 against LoRA-32 and its floor on a few
+LLaMA decoder layers at LLaMA-2-7B width (4096 x 11008 matrices, short sequences).
 
 One process, a timm ViT (embed 384, depth 6, 6 heads, patch 8), qkv/proj/fc1/fc2 adapted in every block,
 rank 8, s = 0.9, AdamW, in each setting (batch, image size, threads: tokens per step). Each SNELL row is
@@ -14,6 +15,10 @@ LoRA's, at the same shapes: the gradient of the update (g^T x) for every adapted
 branch input is dropped, the branch's forward and input-gradient matmuls (its input differs from the
 frozen layer's, so the two cannot share one matmul). No exact SNELL on dense matmuls runs faster.
 
+The LLaMA setting (``--llama-model``, default ``llama_7b_width``: two decoder layers at 7B width, the
+7B vocabulary) adapts q, k, v, o, gate, up and down of every layer at rank 32 with the branch
+regularisation off, token-id batches of ``--llama-batch`` x ``--llama-seq-len``, the next-token loss.
+
 Writes the record ``perf-step.json``; ``bench.report.measurements`` renders ``perf_step.md`` from it.
 """
 
@@ -27,8 +32,9 @@ from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
-from torch import nn
+from torch import Tensor, nn
 
 from bench import step
 from bench.arguments import parse
@@ -37,6 +43,7 @@ from bench.methods import preset_config
 from bench.perf.variants import Variant, apply_variant
 from bench.run.measure import tracked_step_memory
 from bench.run.measurements import write_measurement
+from snell.families import causal_lm_loss, output_logits
 from snell.layer import SnellLinear
 
 PATCH_SIZE = 8
@@ -52,6 +59,25 @@ VARIANTS = (
     Variant("reference-8", "snell-8", "paper", reference=True),
     Variant("matmul floor", "lora-8", "paper", floor="snell-8"),
 )
+
+
+LLAMA_VARIANTS = (
+    Variant("lora-32", "lora-32 (no branch dropout)", "off"),
+    Variant("snell-32", "snell-32 (no branch dropout)", "off"),
+    Variant("matmul floor", "lora-32 (no branch dropout)", "off", floor="snell-32 (no branch dropout)"),
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every variant of a setting trains on: a fresh backbone (same seed, so the same frozen
+    weights), one batch and its loss, and the tokens per step (the floor's matmul shapes)."""
+
+    backbone: Callable[[], nn.Module]
+    inputs: Tensor
+    labels: Tensor
+    tokens: int
+    loss_fn: Callable[[object, Tensor], Tensor] = F.cross_entropy
 
 
 @dataclass(frozen=True)
@@ -91,8 +117,33 @@ def cpu_vit(image_size: int, seed: int = 0) -> VisionTransformer:
     )
 
 
-def tuned(variant: Variant, image_size: int) -> nn.Module:
-    model = cpu_vit(image_size)
+def vit_workload(setting: Setting) -> Workload:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(setting.batch_size, 3, setting.image_size, setting.image_size, generator=generator)
+    labels = torch.randint(10, (setting.batch_size,), generator=generator)
+    return Workload(lambda: cpu_vit(setting.image_size), images, labels, setting.tokens)
+
+
+def lm_loss(output: object, labels: Tensor) -> Tensor:
+    return causal_lm_loss(output_logits(output), labels)
+
+
+def llama_workload(name: str, batch: int, seq_len: int) -> Workload:
+    """Random token ids (their own next-token labels) for the named LLaMA shape, random frozen weights."""
+    from bench.llm.models import causal_lm_config, create_causal_lm
+
+    vocab = causal_lm_config(name).vocab_size
+    ids = torch.randint(vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+
+    def backbone() -> nn.Module:
+        torch.manual_seed(0)
+        return create_causal_lm(name)
+
+    return Workload(backbone, ids, ids, batch * seq_len, lm_loss)
+
+
+def tuned(variant: Variant, workload: Workload) -> nn.Module:
+    model = workload.backbone()
     torch.manual_seed(1)
     return apply_variant(model, variant).train()
 
@@ -116,16 +167,20 @@ def extra_matmuls(snell_model: nn.Module, tokens: int) -> Callable[[], None]:
     return run
 
 
-def build(variant: Variant, setting: Setting, images: torch.Tensor, labels: torch.Tensor) -> Setup:
+def build(variant: Variant, workload: Workload) -> Setup:
     """The model tuned by ``variant`` (same backbone and, for SNELL, same factors in every variant)."""
     if variant.floor is not None:
-        lora = build(replace(variant, floor=None), setting, images, labels)
-        snell_model = tuned(replace(variant, preset=variant.floor, floor=None), setting.image_size)
-        extra = extra_matmuls(snell_model, setting.tokens)
+        lora = build(replace(variant, floor=None), workload)
+        snell_model = tuned(replace(variant, preset=variant.floor, floor=None), workload)
+        extra = extra_matmuls(snell_model, workload.tokens)
+        del snell_model  # only the shapes were needed
         return Setup(variant, lora.model, None, lambda: (lora.step(), extra()))
-    model = tuned(variant, setting.image_size)
+    model = tuned(variant, workload)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
-    return Setup(variant, model, optimizer, lambda: step.train_step(model, optimizer, images, labels))
+    inputs, labels, loss_fn = workload.inputs, workload.labels, workload.loss_fn
+    return Setup(
+        variant, model, optimizer, lambda: step.train_step(model, optimizer, inputs, labels, loss_fn=loss_fn)
+    )
 
 
 def time_steps(setups: list[Setup], warmup: int, rounds: int, budget_s: float) -> dict[int, dict[str, list]]:
@@ -148,23 +203,27 @@ def time_steps(setups: list[Setup], warmup: int, rounds: int, budget_s: float) -
     return times
 
 
-def measure_setting(setting: Setting, args: argparse.Namespace) -> list[dict]:
+def measure(
+    variants: tuple[Variant, ...],
+    workload: Workload,
+    name: str,
+    threads: int,
+    rounds: int,
+    args: argparse.Namespace,
+) -> list[dict]:
     """One row per variant: median step times and (but for the floor) the MemTracker peak."""
-    torch.set_num_threads(setting.threads)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(setting.batch_size, 3, setting.image_size, setting.image_size, generator=generator)
-    labels = torch.randint(10, (setting.batch_size,), generator=generator)
-    setups = [build(variant, setting, images, labels) for variant in VARIANTS]
-    times = time_steps(setups, args.warmup, args.rounds, args.budget)
+    torch.set_num_threads(threads)
+    setups = [build(variant, workload) for variant in variants]
+    times = time_steps(setups, args.warmup, rounds, args.budget)
     rows = []
     for i, setup in enumerate(setups):
         memory = (
             None if setup.optimizer is None else tracked_step_memory(setup.model, setup.optimizer, setup.step)
         )
         rows.append({
-            "setting": setting.name,
-            "tokens": setting.tokens,
-            "threads": setting.threads,
+            "setting": name,
+            "tokens": workload.tokens,
+            "threads": threads,
             "branch": setup.variant.branch,
             "variant": setup.variant.name,
             "steps": len(times[i]["wall"]),
@@ -173,6 +232,21 @@ def measure_setting(setting: Setting, args: argparse.Namespace) -> list[dict]:
             "peak_mib": None if memory is None else memory["peak_mib"],
         })  # fmt: skip
     return rows
+
+
+def measure_setting(setting: Setting, args: argparse.Namespace) -> list[dict]:
+    """The ViT variants in one (batch, image size, threads) setting."""
+    return measure(VARIANTS, vit_workload(setting), setting.name, setting.threads, args.rounds, args)
+
+
+def measure_llama(args: argparse.Namespace) -> list[dict]:
+    """LoRA-32, SNELL-32 and the floor on ``args.llama_model`` (a named LLaMA shape), ``args.llama_rounds``
+    timed rounds (a SNELL-32 step at 7B width takes about a minute on a 2-core CPU: its threshold and
+    kernel work scale with the 4096 x 11008 matrices, not with the tokens)."""
+    workload = llama_workload(args.llama_model, args.llama_batch, args.llama_seq_len)
+    threads = f"{args.llama_threads} thread{'s' * (args.llama_threads > 1)}"
+    name = f"{args.llama_model}, {workload.tokens} tokens, {threads}"
+    return measure(LLAMA_VARIANTS, workload, name, args.llama_threads, args.llama_rounds, args)
 
 
 def vit_b16_memory(batches: list[int]) -> pd.DataFrame:
@@ -205,6 +279,8 @@ def run(args: argparse.Namespace) -> None:
 
     rows = [row for setting in settings(args) for row in measure_setting(setting, args)]
     tables = {"steps": pd.DataFrame(rows)}
+    if args.llama_model:
+        tables["llama"] = pd.DataFrame(measure_llama(args))
     if args.vit_b_batch_sizes:
         tables["vit_b16"] = vit_b16_memory(args.vit_b_batch_sizes)
     write_measurement(

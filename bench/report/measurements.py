@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.report.llm_memory import render_llm_memory
 from bench.report.memory import render_memory_sweep
 from bench.run.measurements import KINDS, measurement_path, read_measurement
 
@@ -21,6 +22,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 REPORT_NAMES = {
     "perf-step": "perf_step.md",
     "memory-sweep": "memory_vs_paper.md",
+    "llm-memory": "llm_memory.md",
     "gpu-check": "gpu_check.md",
 }
 
@@ -68,6 +70,15 @@ def perf_goals(ratios: pd.DataFrame, tokens: pd.Series, vit_b16: pd.DataFrame | 
     return verdicts(pd.DataFrame(rows, columns=["goal", "where", "measured", "bound"]))
 
 
+def llama_ratios(llama: pd.DataFrame) -> pd.DataFrame:
+    """The LLaMA setting's rows with their time, CPU time and peak over LoRA-32's."""
+    frame = llama.set_index(["setting", "variant"])[["steps", "step_s", "cpu_s", "peak_mib"]]
+    lora = frame.xs("lora-32", level="variant").reindex(frame.index.droplevel("variant"))
+    for column, label in (("step_s", "time"), ("cpu_s", "cpu time"), ("peak_mib", "memory")):
+        frame[f"{label} / lora-32"] = frame[column].to_numpy() / lora[column].to_numpy()
+    return frame.reset_index()
+
+
 def render_perf_step(record: dict, tables: dict[str, pd.DataFrame], folder: Path) -> dict[str, str]:
     steps = tables["steps"]
     ratios = perf_ratios(steps)
@@ -78,6 +89,11 @@ def render_perf_step(record: dict, tables: dict[str, pd.DataFrame], folder: Path
     return {
         "table_steps": markdown_table(ratios.reset_index(), False),
         "table_goals": markdown_table(perf_goals(ratios, tokens, vit_b16), False),
+        "table_llama": (
+            "(not measured in this run)"
+            if "llama" not in tables
+            else markdown_table(llama_ratios(tables["llama"]), False)
+        ),
         "table_vit_b16": (
             "(not estimated in this run)" if vit_b16 is None else markdown_table(vit_b16.reset_index(), False)
         ),
@@ -149,12 +165,18 @@ def render_gpu_check(record: dict, tables: dict[str, pd.DataFrame], folder: Path
         "table_steps": markdown_table(steps[columns], False),
         "table_ratios": markdown_table(ratios, False),
         "table_goals": markdown_table(gpu_goals(ratios), False),
+        "table_llama": (
+            "(not measured in this run)"
+            if "llama" not in tables
+            else markdown_table(tables["llama"].drop(columns=["method", "device"]), False)
+        ),
     }
 
 
 RENDERERS: dict[str, Callable[[dict, dict[str, pd.DataFrame], Path], dict[str, str]]] = {
     "perf-step": render_perf_step,
     "memory-sweep": render_memory_sweep,
+    "llm-memory": render_llm_memory,
     "gpu-check": render_gpu_check,
 }
 """Per kind: the template fields (derived tables) of a record; more files may be written beside."""
