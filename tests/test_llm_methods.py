@@ -171,3 +171,23 @@ def test_bad_target_or_option_names_it_and_leaves_the_model_unchanged(method, op
         snell.apply_method(model, snell.method_config(method, **options))
     assert state(model) == before
     assert getattr(model, "tuning_config", None) is None
+
+
+@pytest.mark.parametrize("architecture", ["MistralForCausalLM", "Qwen2ForCausalLM"])
+@pytest.mark.parametrize("method", ["snell", "lora"])
+def test_llama_family_models_with_the_same_names_work_unchanged(architecture, method):
+    import transformers
+
+    config_cls = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    torch.manual_seed(0)
+    config = config_cls(
+        vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = getattr(transformers, architecture)(config).eval()
+    snell.apply_method(model, snell.method_config(method, rank=8))
+    adapted = [n for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+    assert sorted(n.rsplit(".", 1)[1] for n in adapted) == sorted(PROJECTIONS)
+    before = logits(model)
+    snell.merge(model)
+    torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
