@@ -14,6 +14,7 @@ import snell
 from bench.run.train import make_optimizer
 from bench.step import train_step
 from snell.families import IGNORE_INDEX, causal_lm_loss, head_module, is_causal_lm, output_logits
+from snell.sparsify import RULES
 from snell.wrap import AdaptedLinear
 
 VOCAB, WIDTH, MLP = 96, 32, 64
@@ -191,3 +192,16 @@ def test_llama_family_models_with_the_same_names_work_unchanged(architecture, me
     before = logits(model)
     snell.merge(model)
     torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("kernel", snell.list_kernels())
+def test_every_snell_kernel_and_rule_trains_on_a_causal_lm(kernel, rule):
+    model = tiny_llama()
+    snell.apply_method(model, snell.method_config("snell", rank=8, kernel=kernel, rule=rule))
+    factors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = train_step(model.train(), optimizer, *tokens(), loss_fn=lm_loss)
+    assert loss.isfinite()
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, factors[n])]
+    assert len(moved) == len(factors), sorted(set(factors) - set(moved))[:3]
