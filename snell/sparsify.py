@@ -41,11 +41,13 @@ def threshold(
     """Per-group magnitude threshold t: entries with |dW| > t are kept. Shape (groups,); None at s = 0.
 
     ``groups`` splits dW's rows into equal blocks with their own threshold (q, k, v of a fused qkv).
-    t is the value ``torch.quantile(|dW|, s)`` returns for float32 input, computed as quantile does:
-    s rounded to float32, the rank s (N - 1) in double precision, the two order statistics around it and
-    ``torch.lerp`` between them. So t, and the kept entries, are bit-identical to quantile's (tested on
-    hundreds of random shapes; 11 entries at s = 0.9 keep 2, since float32(0.9) * 10 < 9), at any size
-    (quantile refuses more than 2**24 entries; the same formula applies there) and without a sort.
+    t is the value ``torch.quantile(|dW|, s)`` returns, computed as quantile does, in the input's
+    precision: for float32 (and half-precision) input s rounded to float32, the rank s (N - 1) in double
+    precision, the two order statistics around it and ``torch.lerp`` between them in float32; for
+    float64 input the same in float64 with s as it is. So t, and the kept entries, are bit-identical to
+    quantile's (tested on hundreds of random shapes in both precisions, with ties; 11 float32 entries at
+    s = 0.9 keep 2, since float32(0.9) * 10 < 9), at any size (quantile refuses more than 2**24
+    entries; the same formula applies there) and without a sort.
     s = 0 means no sparsification: no threshold (None). A sequence gives each group its own ratio
     (SNELLA's allocator); there 0 is a ratio like any other (t = the smallest |dW|, as the public SNELLA
     thresholds at every ratio). ``magnitude``: ``dw`` holds |dW| already (it may be reordered in place).
@@ -63,10 +65,16 @@ def threshold(
 
 
 def _quantile(values: Tensor, sparsity: float, magnitude: bool, device_type: str | None) -> Tensor:
-    """torch.quantile's value at ``sparsity`` of each row of |values| (float32; see ``threshold``)."""
-    values = values.float() if magnitude else values.abs().float()
+    """torch.quantile's value at ``sparsity`` of each row of |values| (see ``threshold``): in float64 for
+    float64 input (s unrounded, as quantile takes it in the input's dtype), in float32 otherwise (s
+    rounded to float32; half-precision input is compared in float32, which quantile does not take)."""
+    double = values.dtype == torch.float64
+    if not magnitude:
+        values = values.abs()
+    if not double:
+        values = values.float()
     last = values.shape[1] - 1
-    rank = float(np.float32(sparsity)) * last
+    rank = (float(sparsity) if double else float(np.float32(sparsity))) * last
     below, above = math.floor(rank), min(math.ceil(rank), last)
     lower, upper = order_statistics_(values, (below, above), device_type=device_type)
     return torch.lerp(lower, upper, rank - below)

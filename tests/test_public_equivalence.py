@@ -150,3 +150,84 @@ def test_attention_proj_branch_gets_no_dropout_as_in_the_public_code():
     snell.apply_method(model, snell.method_config("snell", dropout=0.1))
     dropouts = {n: m.dropout for n, m in model.named_modules() if isinstance(m, SnellLinear)}
     assert all(isinstance(d, nn.Identity) == n.endswith("attn.proj") for n, d in dropouts.items())
+
+
+class PublicLora(nn.Module):
+    """The public code's LoRA adapter, ``TuningModule('lora')``: Linear(in, r) then Linear(r, out), no
+    bias and no scaling, its output dropped per sample by DropPath (0.1 in the code)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, p_drop_path: float) -> None:
+        super().__init__()
+        self.learnable = nn.Sequential(
+            nn.Linear(a.shape[1], a.shape[0], bias=False), nn.Linear(*b.shape[::-1], bias=False)
+        )
+        with torch.no_grad():
+            self.learnable[0].weight.copy_(a)
+            self.learnable[1].weight.copy_(b)
+        self.p_drop_path = p_drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(self.learnable(x), self.p_drop_path, self.training)
+
+
+@pytest.mark.parametrize("p_dropout, p_drop_path", [(0.1, 0.1), (0.0, 0.1), (0.3, 0.3)])
+@pytest.mark.parametrize("groups", [3, 1], ids=["qkv", "fc"])
+def test_lora_with_drop_path_matches_the_public_lora(p_dropout, p_drop_path, groups):
+    from baselines.lora import LoraLinear
+
+    torch.manual_seed(0)
+    layer = LoraLinear(
+        nn.Linear(DIM, groups * DIM), RANK, float(RANK), p_dropout, groups, drop_path=p_drop_path
+    )
+    with torch.no_grad():  # trained-looking factors: B is zero at init, which would hide the drop-path
+        layer.lora_A.normal_(0, 0.3), layer.lora_B.normal_(0, 0.3)
+    adapters = [
+        PublicLora(a, b, p_drop_path)
+        for a, b in zip(layer.lora_A.detach().chunk(groups), layer.lora_B.detach().chunk(groups), strict=True)
+    ]
+    x = torch.randn(6, 5, DIM, generator=torch.Generator().manual_seed(1))
+    x_ours, x_public = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+    layer.train()
+    torch.manual_seed(2)  # the same dropout and drop-path draws, in the same order
+    out = layer(x_ours)
+    torch.manual_seed(2)
+    expected = public_forward(layer, adapters, x_public, p_dropout, 0.0, training=True)  # drop-path inside
+    assert_relative_close(out, expected)
+    torch.manual_seed(3)
+    without = public_forward(layer, adapters, x.clone(), 0.0, 0.0, training=True)
+    assert not torch.allclose(out, without)  # some branch was dropped (and the rest rescaled)
+
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    (expected * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    assert_relative_close(x_ours.grad, x_public.grad)
+    for k, adapter in enumerate(adapters):
+        assert_relative_close(layer.lora_A.grad.chunk(groups)[k], adapter.learnable[0].weight.grad)
+        assert_relative_close(layer.lora_B.grad.chunk(groups)[k], adapter.learnable[1].weight.grad)
+
+    layer.eval()
+    for adapter in adapters:
+        adapter.eval()
+    assert_relative_close(
+        layer(x), public_forward(layer, adapters, x, p_dropout, p_drop_path, training=False)
+    )
+
+
+def test_lora_drop_path_is_per_qkv_group_and_off_by_default():
+    model = make_tiny_vit()
+    snell.apply_method(model, snell.method_config("lora", drop_path=0.1))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, snell.AdaptedLinear)}
+    assert all(
+        m.drop_path.p == 0.1 and m.drop_path.groups == (3 if n.endswith("qkv") else 1)
+        for n, m in layers.items()
+    )
+    shared = make_tiny_vit()
+    snell.apply_method(shared, snell.method_config("lora", drop_path=0.1, qkv="shared_a"))
+    qkv = [m for n, m in shared.named_modules() if n.endswith("attn.qkv")]
+    assert qkv and all(m.groups == 1 and m.drop_path.groups == 3 for m in qkv)  # q, k, v dropped apart
+    default = make_tiny_vit()
+    snell.apply_method(default, snell.method_config("lora"))
+    assert snell.method_config("lora").drop_path == 0.0
+    assert all(
+        isinstance(m.drop_path, nn.Identity) for m in default.modules() if isinstance(m, snell.AdaptedLinear)
+    )

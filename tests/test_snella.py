@@ -342,3 +342,29 @@ def test_memory_estimates_snella_near_snell_and_gps_above_full():
     extra = peak["snella"].breakdown["buffers"] - peak["snell"].breakdown["buffers"]
     assert extra == 2 * 4 * factor_entries + 8 * 72
     assert peak["gps"].peak_bytes > peak["full"].peak_bytes
+
+
+@pytest.mark.parametrize("method", ["snella", "mixk"])
+def test_kernel_scalars_get_no_weight_decay_in_the_harness_optimizer(method):
+    # The public code's alpha, gamma and beta are shape (1,), which its optimizer's no-decay rule for
+    # 1-d tensors skips; ours are (groups, 1, 1), so they carry the neutral no-decay marker instead.
+    from bench.run.train import make_optimizer
+
+    model = snella_model(method)
+    optimizer, _ = make_optimizer(
+        model, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=0, warmup_lr=0
+    )
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    scalars = [n for n in named if n.rsplit(".", 1)[-1] in ("alpha", "gamma", "beta") and ".kernel." in n]
+    assert len(scalars) == 3 * len(snell_layers(model)) and all(named[n].dim() == 3 for n in scalars)
+    assert all(decay_of[id(named[n])] == 0.0 for n in scalars)
+    assert scalars and set(scalars) <= snell.no_weight_decay(model)
+    factors = [n for n in named if n.endswith(("lora_A", "lora_B"))]
+    assert factors and all(decay_of[id(named[n])] == 0.05 for n in factors)  # the factors still decay
+    for p in model.parameters():  # zero gradients: decoupled decay alone would move the scalars
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    optimizer.step()
+    for layer in snell_layers(model):
+        for key, start in (("alpha", 1.0), ("gamma", 1.0), ("beta", 0.0)):
+            assert torch.all(getattr(layer.kernel, key) == start)

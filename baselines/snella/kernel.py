@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from snell.kernels import Kernel, PiecewiseLinearKernel, register_kernel
+from snell.registry import exclude_from_weight_decay
 
 
 @register_kernel("piecewise_softmax")
@@ -18,6 +19,9 @@ class PiecewiseSoftmaxKernel(Kernel):
 
     ``groups``: independent sets of scalars for factor groups stacked in one layer (q, k and v of a fused
     qkv get their own, as the public code's separate layers); the softmax runs over each group's rows.
+    The learnable scalars are exempt from weight decay (``snell.exclude_from_weight_decay``): the public
+    code's are 1-d tensors of shape (1,), which its optimizer's rule (no decay below 2 dimensions)
+    skips; here they are (groups, 1, 1), which that rule would decay.
     """
 
     whole_columns = True
@@ -39,7 +43,9 @@ class PiecewiseSoftmaxKernel(Kernel):
         for key, value in (("alpha", alpha), ("gamma", gamma), ("beta", beta)):
             scalar = torch.full((groups, 1, 1), float(value))
             if learnable:
-                self.register_parameter(key, nn.Parameter(scalar))
+                param = nn.Parameter(scalar)
+                exclude_from_weight_decay(param)
+                self.register_parameter(key, param)
             else:
                 self.register_buffer(key, scalar, persistent=False)
 
