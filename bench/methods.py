@@ -2,7 +2,8 @@
 
 One table, so that "lora-8" or "snell-8 (no branch dropout)" means the same config in every table.
 Each is the method's defaults (as the paper's runs: branch dropout and drop-path 0.1, SNELL sparsity
-0.9, q, k and v as separate adapters, SPT budget 400k entries; GPS one entry per row with a bool gradient
+0.9, q, k and v as separate adapters; LoRA's branch drop-path, 0 by default, is set to the public code's
+0.1 in "lora-8" and "lora-32", SPT budget 400k entries; GPS one entry per row with a bool gradient
 mask, the public code's float32 mask being its own preset; SNELLA from 1% to 80% sparsity; PEFT's DoRA
 on timm's fused qkv, one A for q, k and v, without dropout: PEFT's nn.Dropout keeps a 4-byte mask on a
 CPU, which would overstate a GPU's memory) except the options named.
@@ -23,8 +24,8 @@ import snell
 METHOD_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "full": ("full", {}),
     "linear": ("linear", {}),
-    "lora-8": ("lora", {"rank": 8}),
-    "lora-32": ("lora", {"rank": 32}),
+    "lora-8": ("lora", {"rank": 8, "drop_path": 0.1}),
+    "lora-32": ("lora", {"rank": 32, "drop_path": 0.1}),
     "lora-8 (no branch dropout)": ("lora", {"rank": 8, "dropout": 0.0}),
     "spt-lora (index)": ("spt-lora", {"mode": "index"}),
     "spt-lora (grad mask)": ("spt-lora", {"mode": "grad_mask"}),

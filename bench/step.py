@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from bench.arguments import PRECISIONS
 from snell.callbacks import training_callbacks
+from snell.families import causal_lm_loss, output_logits
 
 
 def check_precision(precision: str) -> None:
@@ -25,6 +26,12 @@ def autocast(device_type: str, precision: str) -> AbstractContextManager:
     """bf16 autocast for precision 'bf16', full precision for 'fp32'."""
     check_precision(precision)
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def next_token_loss(output: object, labels: Tensor) -> Tensor:
+    """A causal LM's training loss (``loss_fn`` of ``train_step``): the next-token cross-entropy of its
+    output's logits (``snell.families.causal_lm_loss``; labels -100 ignored)."""
+    return causal_lm_loss(output_logits(output), labels)
 
 
 def train_step(

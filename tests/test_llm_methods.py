@@ -12,8 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import snell
 from bench.run.train import make_optimizer
-from bench.step import train_step
-from snell.families import IGNORE_INDEX, causal_lm_loss, head_module, is_causal_lm, output_logits
+from bench.step import next_token_loss, train_step
+from snell.families import IGNORE_INDEX, head_module, is_causal_lm
 from snell.sparsify import RULES
 from snell.wrap import AdaptedLinear
 
@@ -45,10 +45,6 @@ def tokens(batch: int = 3, length: int = 12, seed: int = 1) -> tuple[torch.Tenso
     return ids, labels
 
 
-def lm_loss(output, labels: torch.Tensor) -> torch.Tensor:
-    return causal_lm_loss(output_logits(output), labels)
-
-
 def logits(model: torch.nn.Module) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -66,7 +62,7 @@ def trained(method: str, **options) -> LlamaForCausalLM:
     )
     model.train()
     for seed in (2, 3):
-        train_step(model, optimizer, *tokens(seed=seed), loss_fn=lm_loss)
+        train_step(model, optimizer, *tokens(seed=seed), loss_fn=next_token_loss)
     return model.eval()
 
 
@@ -201,7 +197,7 @@ def test_every_snell_kernel_and_rule_trains_on_a_causal_lm(kernel, rule):
     snell.apply_method(model, snell.method_config("snell", rank=8, kernel=kernel, rule=rule))
     factors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    loss = train_step(model.train(), optimizer, *tokens(), loss_fn=lm_loss)
+    loss = train_step(model.train(), optimizer, *tokens(), loss_fn=next_token_loss)
     assert loss.isfinite()
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, factors[n])]
     assert len(moved) == len(factors), sorted(set(factors) - set(moved))[:3]

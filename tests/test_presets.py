@@ -45,7 +45,7 @@ FGVC_SCRIPTS = {  # our task name: (lr, {rank: (weight decay, sparsity)})
 
 def snell_runs(preset: str, monkeypatch) -> dict[tuple[str, int], object]:
     """The preset's SNELL runs by (task, rank), parsed without the data folders and checkpoint."""
-    monkeypatch.setattr(bench.run.sweep, "_check_task", lambda *args: None)
+    monkeypatch.setattr(bench.run.sweep, "_check_task", lambda *args: [])
     data = yaml.safe_load(Path(f"bench/presets/{preset}.yaml").read_text())
     data["train"].pop("checkpoint")
     runs = [r for r in parse_sweep(data, preset).runs if r.method == "snell"]
@@ -133,7 +133,7 @@ SNELLA_SCRIPTS = {
 
 def preset_runs(preset: str, methods: set[str], monkeypatch) -> dict[str, object]:
     """The preset's runs of ``methods`` by task (one each), parsed without data folders and checkpoint."""
-    monkeypatch.setattr(bench.run.sweep, "_check_task", lambda *args: None)
+    monkeypatch.setattr(bench.run.sweep, "_check_task", lambda *args: [])
     data = yaml.safe_load(Path(f"bench/presets/{preset}.yaml").read_text())
     data["train"].pop("checkpoint")
     runs = [r for r in parse_sweep(data, preset).runs if r.method in methods]
@@ -174,3 +174,116 @@ def test_paper_presets_hold_the_snella_scripts_values(monkeypatch):
             assert (config.sparsity, config.target_sparsity) == pytest.approx((init, target)), task
         else:
             assert config.sparsity == 0.0, task
+
+
+# LLaMA-2-7B commonsense: NVlabs/DoRA commonsense_reasoning (finetune.py, llama2_7B_DoRA.sh,
+# commonsense_evaluate.py, README), transcribed independently of the YAML file.
+COMMONSENSE_RECIPE = {
+    "epochs": 3,
+    "batch_size": 16,
+    "weight_decay": 0.0,
+    "warmup_steps": 100,
+    "warmup_lr": 0.0,
+    "schedule": "linear",
+    "min_lr": 0.0,
+    "max_length": 256,
+    "val_examples": 120,
+    "gradient_checkpointing": True,
+    "num_beams": 4,
+    "max_new_tokens": 32,
+}
+COMMONSENSE_TARGETS = ("*q_proj", "*k_proj", "*v_proj", "*up_proj", "*down_proj")
+
+
+def test_paper_commonsense_preset_holds_the_recipe(monkeypatch):
+    monkeypatch.setattr(bench.run.sweep, "_check_task", lambda *args: [])
+    data = yaml.safe_load(Path("bench/presets/paper_commonsense.yaml").read_text())
+    assert data["train"].pop("checkpoint") == "checkpoints/Llama-2-7b-hf"
+    data["train"]["pretrained"] = False  # no checkpoint folder here
+    runs = {r.method: r for r in parse_sweep(data, "paper_commonsense").runs}
+    assert set(runs) == {"lora", "snell"}
+    for method, run in runs.items():
+        t, config = run.train, run.method_config
+        assert (run.task, t.backbone, t.data_root) == ("commonsense", "llama2_7b", "data/commonsense")
+        assert {k: getattr(t, k) for k in COMMONSENSE_RECIPE} == COMMONSENSE_RECIPE, method
+        assert (config.rank, config.dropout, config.targets) == (32, 0.05, COMMONSENSE_TARGETS), method
+    assert (runs["lora"].method_config.alpha, runs["lora"].train.lr) == (64, 3e-4)
+    snell_config = runs["snell"].method_config
+    assert (snell_config.kernel, snell_config.sparsity, snell_config.drop_path) == (
+        "piecewise_linear",
+        0.9,
+        0.0,
+    )
+    assert runs["snell"].train.lr == 2e-4
+
+
+# Precision per task, transcribed from the scripts (True: the script passes --amp, autocast; False:
+# float32, the default of the scripts' train.py / train_alloc.py / train_alloc_ema.py, whose --amp is
+# store_true). ssfgunner/SNELL scripts/ (commit e9d5185): no snell{8,16,32} script passes --amp; of the
+# snella32 ones only vtab/cifar.sh, camelyon.sh and pets.sh do (not the FGVC ones, nor caltech/svhn,
+# MixK through train.py). FightingFighting/GPS train_scripts/vit/*/*/train_gps.sh (commit 72e0c31): all
+# pass --amp. Columns: (SNELL, SNELLA or MixK, GPS); None where that method has no script for the task.
+SCRIPTS_AMP = {
+    "vtab/cifar": (False, True, True),
+    "vtab/caltech101": (False, False, True),
+    "vtab/dtd": (False, False, True),
+    "vtab/oxford_flowers102": (False, False, True),
+    "vtab/oxford_iiit_pet": (False, True, True),
+    "vtab/svhn": (False, False, True),
+    "vtab/sun397": (False, None, True),
+    "vtab/patch_camelyon": (False, True, True),
+    "vtab/eurosat": (False, None, True),
+    "vtab/resisc45": (False, None, True),
+    "vtab/diabetic_retinopathy": (False, False, True),
+    "vtab/clevr_count": (False, None, True),
+    "vtab/clevr_dist": (False, None, True),
+    "vtab/dmlab": (False, None, True),
+    "vtab/kitti": (False, None, True),
+    "vtab/dsprites_loc": (False, None, True),
+    "vtab/dsprites_ori": (False, None, True),
+    "vtab/smallnorb_azi": (False, None, True),
+    "vtab/smallnorb_ele": (False, False, True),
+    "fgvc/cub": (False, False, True),
+    "fgvc/nabirds": (False, False, True),
+    "fgvc/flowers": (False, False, True),
+    "fgvc/dogs": (False, False, True),
+    "fgvc/cars": (False, False, True),
+}
+SCRIPT_FAMILY = {"snell": 0, "snella": 1, "mixk": 1, "gps": 2}
+"""The scripts each preset method follows; LoRA, full and linear (FGVC) run SNELL's train.py settings."""
+
+
+def all_runs(preset: str, monkeypatch) -> list:
+    monkeypatch.setattr(bench.run.sweep, "_check_task", lambda *args: [])
+    data = yaml.safe_load(Path(f"bench/presets/{preset}.yaml").read_text())
+    data["train"].pop("checkpoint")
+    return parse_sweep(data, preset).runs
+
+
+@pytest.mark.parametrize("preset", ["paper_vtab", "paper_fgvc"])
+def test_paper_presets_train_in_the_scripts_precision(preset, monkeypatch):
+    seen = set()
+    for run in all_runs(preset, monkeypatch):
+        column = SCRIPT_FAMILY.get(run.method, 0)
+        expected = SCRIPTS_AMP[run.task][column]
+        assert expected is not None, (run.task, run.method)
+        assert run.train.amp is expected, (run.task, run.method, run.method_options)
+        seen.add((run.task, column))
+    scripted = {
+        (task, c) for task, row in SCRIPTS_AMP.items() for c, amp in enumerate(row) if amp is not None
+    }
+    assert {key for key in scripted if key[0].split("/")[0] == preset.split("_")[1]} == seen
+
+
+def test_paper_lora_is_the_public_codes_lora(monkeypatch):
+    # TuningModule('lora'): no scaling (alpha = r), dropout 0.1 on the input, drop-path 0.1 on the branch.
+    runs = [r for r in all_runs("paper_fgvc", monkeypatch) if r.method == "lora"]
+    assert {r.task for r in runs} == {f"fgvc/{task}" for task in FGVC_SCRIPTS}
+    for run in runs:
+        config = run.method_config
+        assert (config.alpha / config.rank, config.dropout, config.drop_path, config.qkv) == (
+            1.0,
+            0.1,
+            0.1,
+            "separate",
+        )

@@ -1,12 +1,13 @@
 """Sweep files: expansion into runs, and every mistake reported at once before anything runs."""
 
+import dataclasses
 import json
 
 import pytest
 
-from bench.run.config import RunConfig
+from bench.run.config import ADDED_TRAIN_FIELDS, TRAIN_DEFAULTS, RunConfig
 from bench.run.sweep import SweepError, load_sweep, parse_sweep
-from tests.harness import FAST_TRAIN
+from tests.harness import FAST_TRAIN, REPO
 
 
 def sweep(grid, **top):
@@ -57,6 +58,41 @@ def test_run_id_is_stable_and_sensitive_to_config():
     assert not {r.run_id for r in a} & {r.run_id for r in c}
 
 
+def test_every_committed_record_keeps_its_run_id():
+    paths = sorted((REPO / "results" / "records").glob("*.json"))
+    paths += sorted((REPO / "results" / "lr_search" / "records").glob("*.json"))
+    assert len(paths) > 300
+    for path in paths:
+        record = json.loads(path.read_text())
+        assert RunConfig.from_dict(record["config"]).run_id == record["run_id"], path.name
+
+
+def test_training_fields_added_later_enter_the_run_id_only_off_their_defaults():
+    (run,) = parse_sweep(sweep([{"method": "lora"}], seeds=[0])).runs
+    assert set(ADDED_TRAIN_FIELDS) <= set(run.to_dict()["train"])  # records store every setting
+    assert not set(ADDED_TRAIN_FIELDS) & set(run.identity()["train"])
+    old_record = run.to_dict()
+    for name in ADDED_TRAIN_FIELDS:
+        del old_record["train"][name]  # a record written before the fields existed
+    assert RunConfig.from_dict(old_record).run_id == run.run_id
+    for name, value in {"max_length": 128, "schedule": "linear", "gradient_checkpointing": True}.items():
+        assert TRAIN_DEFAULTS[name] != value
+        changed = dataclasses.replace(run, train=dataclasses.replace(run.train, **{name: value}))
+        assert changed.run_id != run.run_id and changed.identity()["train"][name] == value
+
+
+def test_new_training_fields_are_validated():
+    bad = {"max_length": 0, "num_beams": 1.5, "val_examples": -1, "warmup_steps": "100", "schedule": "step"}
+    with pytest.raises(SweepError) as info:
+        parse_sweep(sweep([{"method": "lora"}], train={**FAST_TRAIN, **bad, "gradient_checkpointing": "yes"}))
+    text = str(info.value)
+    assert "max_length=0 must be an integer >= 1" in text and "num_beams=1.5 must be an integer >= 1" in text
+    assert "val_examples=-1 must be an integer >= 0" in text
+    assert "warmup_steps='100' must be an integer >= 0 or null" in text
+    assert "schedule='step'; allowed: cosine, linear" in text
+    assert "gradient_checkpointing='yes' must be true or false" in text
+
+
 def test_three_mistakes_are_reported_together(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(
@@ -99,10 +135,10 @@ def test_missing_data_folder_and_checkpoint_are_reported(tmp_path):
 
 
 def test_presets_are_valid():
-    for name in ("quick", "default", "paper_vtab", "paper_fgvc"):
+    for name in ("quick", "default", "paper_vtab", "paper_fgvc", "paper_commonsense"):
         path = f"bench/presets/{name}.yaml"
         if name.startswith("paper"):
             with pytest.raises(SweepError, match="does not exist|not found|layout"):
-                load_sweep(path)  # no VTAB/FGVC data or checkpoint here: validated, and says what is missing
+                load_sweep(path)  # no data or checkpoint here: validated, and says what is missing
         else:
             assert load_sweep(path).runs

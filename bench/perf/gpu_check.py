@@ -69,7 +69,7 @@ class Setup:
 
 
 def stepper(
-    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, precision: str, device: str, **kwargs
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, precision: str, device: str, **kwargs
 ) -> Callable[[], None]:
     """One training step of ``model`` (AdamW over its trainable parameters), synchronised on CUDA."""
     optimizer = torch.optim.AdamW(
@@ -92,21 +92,20 @@ def build(variant: Variant, batch: int, precision: str, *, model_name: str, devi
     input_size = timm.data.resolve_model_data_config(model)["input_size"]
     images = torch.randn(batch, *input_size, device=device)
     labels = torch.randint(100, (batch,), device=device)
-    return Setup(variant, model, stepper(model, images, labels, precision, device))
+    return Setup(variant, model, stepper(model, images, labels, precision=precision, device=device))
 
 
 def build_llama(variant: Variant, args: argparse.Namespace) -> Setup:
     """``variant`` on a LLaMA of ``args.llama_model``'s shape in bf16 (random weights, same seed), with a
     batch of random token ids as their own next-token labels."""
     from bench.llm.models import create_causal_lm
-    from snell.families import causal_lm_loss, output_logits
 
     torch.manual_seed(0)
     with torch.device(args.device):
         model = apply_variant(create_causal_lm(args.llama_model, dtype=torch.bfloat16), variant).train()
     ids = torch.randint(model.config.vocab_size, (args.llama_batch, args.llama_seq_len), device=args.device)
-    loss = lambda out, labels: causal_lm_loss(output_logits(out), labels)
-    return Setup(variant, model, stepper(model, ids, ids, "bf16", args.device, loss_fn=loss))
+    run = stepper(model, ids, ids, precision="bf16", device=args.device, loss_fn=step.next_token_loss)
+    return Setup(variant, model, run)
 
 
 def alone(setup: Setup, warmup: int, on_cuda: bool) -> dict:

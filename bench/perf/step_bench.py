@@ -43,7 +43,6 @@ from bench.methods import preset_config
 from bench.perf.variants import Variant, apply_variant
 from bench.run.measure import tracked_step_memory
 from bench.run.measurements import write_measurement
-from snell.families import causal_lm_loss, output_logits
 from snell.layer import SnellLinear
 
 PATCH_SIZE = 8
@@ -124,10 +123,6 @@ def vit_workload(setting: Setting) -> Workload:
     return Workload(lambda: cpu_vit(setting.image_size), images, labels, setting.tokens)
 
 
-def lm_loss(output: object, labels: Tensor) -> Tensor:
-    return causal_lm_loss(output_logits(output), labels)
-
-
 def llama_workload(name: str, batch: int, seq_len: int) -> Workload:
     """Random token ids (their own next-token labels) for the named LLaMA shape, random frozen weights."""
     from bench.llm.models import causal_lm_config, create_causal_lm
@@ -139,7 +134,7 @@ def llama_workload(name: str, batch: int, seq_len: int) -> Workload:
         torch.manual_seed(0)
         return create_causal_lm(name)
 
-    return Workload(backbone, ids, ids, batch * seq_len, lm_loss)
+    return Workload(backbone, ids, ids, batch * seq_len, step.next_token_loss)
 
 
 def tuned(variant: Variant, workload: Workload) -> nn.Module:
@@ -206,10 +201,11 @@ def time_steps(setups: list[Setup], warmup: int, rounds: int, budget_s: float) -
 def measure(
     variants: tuple[Variant, ...],
     workload: Workload,
+    args: argparse.Namespace,
+    *,
     name: str,
     threads: int,
     rounds: int,
-    args: argparse.Namespace,
 ) -> list[dict]:
     """One row per variant: median step times and (but for the floor) the MemTracker peak."""
     torch.set_num_threads(threads)
@@ -236,7 +232,9 @@ def measure(
 
 def measure_setting(setting: Setting, args: argparse.Namespace) -> list[dict]:
     """The ViT variants in one (batch, image size, threads) setting."""
-    return measure(VARIANTS, vit_workload(setting), setting.name, setting.threads, args.rounds, args)
+    return measure(
+        VARIANTS, vit_workload(setting), args, name=setting.name, threads=setting.threads, rounds=args.rounds
+    )
 
 
 def measure_llama(args: argparse.Namespace) -> list[dict]:
@@ -246,7 +244,9 @@ def measure_llama(args: argparse.Namespace) -> list[dict]:
     workload = llama_workload(args.llama_model, args.llama_batch, args.llama_seq_len)
     threads = f"{args.llama_threads} thread{'s' * (args.llama_threads > 1)}"
     name = f"{args.llama_model}, {workload.tokens} tokens, {threads}"
-    return measure(LLAMA_VARIANTS, workload, name, args.llama_threads, args.llama_rounds, args)
+    return measure(
+        LLAMA_VARIANTS, workload, args, name=name, threads=args.llama_threads, rounds=args.llama_rounds
+    )
 
 
 def vit_b16_memory(batches: list[int]) -> pd.DataFrame:

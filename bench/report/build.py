@@ -3,7 +3,8 @@
 Everything here is derived from ``<results>/records/*.json``; ``python -m bench report`` rebuilds it
 without training, and the reports of the measurement records beside it
 (``bench.report.measurements``). Failed runs stay visible: a cell with no successful seed shows its status
-("OOM", "diverged", "error"), never a blank or a zero.
+("OOM", "diverged", "error"), never a blank or a zero. Commonsense runs (causal LMs) fit the same tables
+with their mean accuracy over test sets as ``test_acc``, plus a table of the accuracy per test set.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pandas as pd
 from scipy import stats
 
 from bench.arguments import parse
+from bench.llm.commonsense import COMMONSENSE_TASKS, is_commonsense_task
+from bench.run.config import TRAIN_DEFAULTS
 from bench.run.records import load_records
 
 TASK_COLUMN_ORDER = ("digits", "rotation", "texture")
@@ -68,7 +71,8 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
     if df.empty:
         return df
     df["timed_under_load"] = timed_under_load(df)
-    train = pd.DataFrame([r["config"]["train"] for r in records], index=df.index).astype(str)
+    recorded = [{**TRAIN_DEFAULTS, **r["config"]["train"]} for r in records]  # fields added since: defaults
+    train = pd.DataFrame(recorded, index=df.index).astype(str)
     for label, runs in train.groupby(df.label):
         varying = [column for column in runs if runs[column].nunique() > 1]
         for i, settings in runs[varying].iterrows():
@@ -212,6 +216,35 @@ def ablation_table(summary: pd.DataFrame, index: str, **fixed) -> pd.DataFrame:
     return table
 
 
+def commonsense_table(records: list[dict], df: pd.DataFrame) -> pd.DataFrame:
+    """Commonsense runs: accuracy (%) per test set (mean ± std over seeds, the columns in the evaluation
+    script's order) and their plain average (the paper's convention), one row per method (labels as in
+    ``df``); a method with no successful run shows its status. Empty without commonsense runs."""
+    rows = [
+        {"run_id": r["run_id"], "test_set": test_set, "acc": acc}
+        for r in records
+        if r["status"] == "ok"
+        for test_set, acc in (r["metrics"].get("task_acc") or {}).items()
+    ]
+    if not rows:
+        return pd.DataFrame()
+    accs = pd.DataFrame(rows).merge(df[["run_id", "label"]], on="run_id")
+    seeds = accs.groupby(["label", "test_set"]).acc.agg(["mean", "std", "count"])
+    cells = seeds.apply(
+        lambda s: f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if s["count"] > 1 else ""), axis=1
+    ).unstack()
+    order = [t for t in COMMONSENSE_TASKS if t in cells.columns]
+    means = seeds["mean"].unstack()[order]
+    table = cells[order].assign(
+        average=means.mean(axis=1, skipna=False).map(lambda v: "—" if pd.isna(v) else f"{v:.1f}")
+    )
+    table = table.loc[list(means.mean(axis=1).sort_values(ascending=False).index)]
+    failed = df[df.task.map(is_commonsense_task) & ~df.label.isin(table.index)]
+    for label, runs in failed.groupby("label"):
+        table.loc[label] = " / ".join(dict.fromkeys(FAILED_LABEL[s] for s in sorted(runs.status)))
+    return table.rename_axis("method")
+
+
 def write_markdown(tables: dict[str, pd.DataFrame], path: Path, header: str) -> None:
     parts = [header]
     for title, table in tables.items():
@@ -225,7 +258,8 @@ def build_report(results: str | Path) -> pd.DataFrame:
     from bench.report.plots import draw_all
 
     results = Path(results)
-    df = records_frame(load_records(results))
+    records = load_records(results)
+    df = records_frame(records)
     if df.empty:
         raise SystemExit(f"no records under {results / 'records'}; run a sweep first")
     summary = summarise(df)
@@ -243,8 +277,15 @@ def build_report(results: str | Path) -> pd.DataFrame:
         f"Step times marked * ({loaded} run(s)) were taken while other work shared the CPU (the run got "
         f"under {LOADED_CPU_SHARE:.0%} of its threads' time): compare them with care.\n"
     )
+    per_test_set = commonsense_table(records, df)
+    if not per_test_set.empty:
+        header += (
+            "Commonsense tasks: accuracy (%) of the generated answers; their column in the tables below is "
+            "the plain mean over their test sets (the commonsense table has each).\n"
+        )
     tables = {
         "Methods x tasks": accuracy_table(summary),
+        "Commonsense reasoning: accuracy per test set (%), mean ± std over seeds": per_test_set,
         "Difference from lora-8 in test top-1, paired over (task, seed), 95% t interval": (
             paired_differences(df)
         ),

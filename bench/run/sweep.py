@@ -12,7 +12,8 @@
     slurm: {partition: gpu, timeout_min: 240}   # optional: job settings for --executor submitit
 
 Every mistake in a file (unknown keys with a did-you-mean, bad values, unknown tasks, missing data
-folders or checkpoints) is collected and reported together before anything runs.
+folders or checkpoints, missing or malformed commonsense files, a task that the backbone's family does not
+run) is collected and reported together before anything runs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import yaml
 import snell
 from bench.arguments import SLURM_KEYS
 from bench.data import build_task
+from bench.llm.commonsense import check_files, commonsense_tasks, is_commonsense_task
+from bench.llm.models import CAUSAL_LM_CONFIGS, check_checkpoint_folder, is_causal_lm_name
 from bench.run.config import TRAIN_FIELDS, RunConfig, TrainConfig
 
 TOP_KEYS = ("name", "description", "train", "tasks", "seeds", "options", "grid", "slurm")
@@ -96,21 +99,61 @@ def _train_config(overrides: dict, where: str, problems: list[str]) -> TrainConf
         return None
     cfg = TrainConfig(**overrides)
     problems += [f"{where}: {p}" for p in cfg.validate()]
-    if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
-        problems.append(f"{where}: checkpoint file {cfg.checkpoint!r} does not exist")
+    problems += [f"{where}: {p}" for p in _backbone_problems(cfg)]
     return cfg
 
 
-def _check_task(task: str, cfg: TrainConfig, where: str, checked: dict) -> str | None:
-    """None if the task builds (names, folders, split files), else the problem; cached per data setting."""
-    key = (task, cfg.data_root, cfg.img_size, cfg.protocol)
+def _backbone_problems(cfg: TrainConfig) -> list[str]:
+    """A checkpoint that is not there: a file for timm backbones, a Hugging Face folder for causal LMs
+    (which also need one to be pretrained)."""
+    if not is_causal_lm_name(cfg.backbone):
+        if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
+            return [f"checkpoint file {cfg.checkpoint!r} does not exist"]
+        return []
+    if cfg.checkpoint is None:
+        if cfg.pretrained:
+            return [
+                f"backbone {cfg.backbone!r} with pretrained: true needs checkpoint: a local Hugging Face "
+                "model folder (nothing is downloaded); pretrained: false builds random weights"
+            ]
+        return []
+    if not Path(cfg.checkpoint).exists():
+        return [f"checkpoint folder {cfg.checkpoint!r} does not exist (a local Hugging Face model folder)"]
+    try:
+        check_checkpoint_folder(Path(cfg.checkpoint))
+    except FileNotFoundError as err:
+        return [str(err)]
+    return []
+
+
+def _check_task(task: str, cfg: TrainConfig, where: str, checked: dict) -> list[str]:
+    """The problems of a task under these settings (names, folders, split files, commonsense files, the
+    backbone's family), each prefixed with the task; cached per data setting."""
+    key = (task, cfg.backbone, cfg.data_root, cfg.img_size, cfg.protocol, cfg.val_examples)
     if key not in checked:
-        try:
-            build_task(task, cfg.data_root, cfg.img_size, protocol=cfg.protocol)
-            checked[key] = None
-        except (ValueError, FileNotFoundError) as err:
-            checked[key] = str(err)
-    return None if checked[key] is None else f"task {task!r}: {checked[key]}"
+        checked[key] = _task_problems(task, cfg)
+    return [f"task {task!r}: {problem}" for problem in checked[key]]
+
+
+def _task_problems(task: str, cfg: TrainConfig) -> list[str]:
+    language = is_causal_lm_name(cfg.backbone)
+    if language and not is_commonsense_task(task):
+        return [
+            f"backbone {cfg.backbone!r} is a causal LM, which runs commonsense tasks ('commonsense' or "
+            "'commonsense/<task>+<task>'); image tasks need a timm backbone"
+        ]
+    if is_commonsense_task(task) and not language:
+        return [
+            f"a commonsense task needs a causal LM backbone ({', '.join(CAUSAL_LM_CONFIGS)}), "
+            f"not {cfg.backbone!r}"
+        ]
+    try:
+        if language:
+            return check_files(cfg.data_root, commonsense_tasks(task), val_examples=cfg.val_examples)
+        build_task(task, cfg.data_root, cfg.img_size, protocol=cfg.protocol)
+    except (ValueError, FileNotFoundError) as err:
+        return [str(err)]
+    return []
 
 
 def parse_sweep(data: Any, source: str = "sweep") -> Sweep:
@@ -146,8 +189,8 @@ def parse_sweep(data: Any, source: str = "sweep") -> Sweep:
         problems += [f"{where}: seed {s!r} must be an integer" for s in seeds if not isinstance(s, int)]
         if train is not None:
             task_problems = {t: _check_task(t, train, where, checked_tasks) for t in tasks}
-            problems += [p for p in task_problems.values() if p]
-            tasks = [t for t, p in task_problems.items() if not p]
+            problems += [p for found in task_problems.values() for p in found]
+            tasks = [t for t, found in task_problems.items() if not found]
         option_grid = {k: _as_list(v) for k, v in entry.items() if k not in ENTRY_KEYS}
         for method in _as_list(entry["method"]):
             try:

@@ -1,4 +1,9 @@
-"""Train and evaluate one run: backbone + tuning method + task, with measurements along the way."""
+"""Train and evaluate one run: backbone + tuning method + task, with measurements along the way.
+
+Two kinds of task go through the same loop and measurements (``train_run``): image classification (a timm
+backbone: cross-entropy, top-1 accuracy) and commonsense reasoning (a causal LM: next-token loss, answers
+generated and extracted). ``Model`` and ``CausalLmModel`` hold what differs: batches, loss and accuracy.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,15 @@ import itertools
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
-from torch import nn
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler
+from timm.scheduler.scheduler import Scheduler
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -20,6 +28,21 @@ import snell
 from bench import step
 from bench.backbones import create_backbone
 from bench.data import Task, build_task
+from bench.llm.commonsense import (
+    ALL_ANSWERS,
+    COMMONSENSE_TASKS,
+    CommonsenseTask,
+    Example,
+    build_commonsense,
+    collate_causal,
+    encode_for_training,
+    is_commonsense_task,
+    load_tokenizer,
+    train_tokenizer,
+    training_text,
+)
+from bench.llm.generate import commonsense_accuracy, fold_adapters
+from bench.llm.models import causal_lm_config, create_causal_lm
 from bench.run.config import RunConfig, TrainConfig
 from bench.run.measure import median_step_time, tracked_step_memory
 
@@ -30,12 +53,71 @@ class DivergedError(RuntimeError):
 
 @dataclass
 class Model:
-    """A backbone with a tuning method applied, ready to train on a task."""
+    """A classifier with a tuning method applied, ready to train on an image task: batches of images and
+    class labels, cross-entropy, top-1 accuracy (``CausalLmModel``: the same for a commonsense task)."""
 
     net: nn.Module
-    task: Task
+    task: Task | CommonsenseTask
     device: torch.device
-    method_config: snell.TuningConfig
+    method_config: snell.TuningConfig | None = None
+
+    def train_loader(self, cfg: TrainConfig, seed: int) -> DataLoader:
+        """The training batches, (inputs, labels), shuffled with ``seed``."""
+        return loader(self.task.train, cfg.batch_size, seed, cfg)
+
+    def loss_fn(self, cfg: TrainConfig) -> Callable[[Any, Tensor], Tensor]:
+        """The training loss of the model's output and the labels of a batch."""
+        return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def accuracy(self, cfg: TrainConfig) -> dict[str, Any]:
+        """The accuracy metrics of the trained model: ``val_acc`` and ``test_acc`` (%). The last use of the
+        model in a run (``CausalLmModel`` merges its adapters)."""
+        return {
+            "val_acc": evaluate(self, self.task.val, cfg),
+            "test_acc": evaluate(self, self.task.test, cfg),
+        }
+
+
+@dataclass
+class CausalLmModel(Model):
+    """A causal LM with a tuning method applied, ready to train on a commonsense task: batches of token
+    ids (``train_ids``, right-padded; labels the ids themselves), the next-token loss, accuracy of answers
+    generated from the evaluation prompts (``bench.llm.commonsense``)."""
+
+    tokenizer: Any = None
+    train_ids: list[list[int]] = field(default_factory=list)
+
+    def train_loader(self, cfg: TrainConfig, seed: int) -> DataLoader:
+        collate = functools.partial(collate_causal, pad_id=self.tokenizer.pad_token_id)
+        return loader(self.train_ids, cfg.batch_size, seed, cfg, collate_fn=collate)
+
+    def loss_fn(self, cfg: TrainConfig) -> Callable[[Any, Tensor], Tensor]:
+        return step.next_token_loss
+
+    def accuracy(self, cfg: TrainConfig) -> dict[str, Any]:
+        """``task_acc``: accuracy (%) per test set; ``test_acc``: their plain mean (the paper's average);
+        ``val_acc``: accuracy on the held-out training examples (any task's answer words; None if none).
+        The adapters are folded in first (``fold_adapters``): the model holds none afterwards."""
+        fold_adapters(self.net)
+        per_task = {
+            task: self._score(examples, COMMONSENSE_TASKS[task], cfg)
+            for task, examples in self.task.test.items()
+        }
+        val = self._score(self.task.val, ALL_ANSWERS, cfg) if self.task.val else None
+        return {"val_acc": val, "test_acc": sum(per_task.values()) / len(per_task), "task_acc": per_task}
+
+    def _score(self, examples: list[Example], words: tuple[str, ...], cfg: TrainConfig) -> float:
+        return commonsense_accuracy(
+            self.net,
+            self.tokenizer,
+            examples,
+            words,
+            batch_size=cfg.eval_batch_size,
+            num_beams=cfg.num_beams,
+            max_new_tokens=cfg.max_new_tokens,
+            precision=precision(self.device, cfg.amp),
+            limit_batches=cfg.limit_eval_batches,
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,7 +129,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def loader(dataset: Dataset, batch_size: int, seed: int | None, cfg: TrainConfig) -> DataLoader:
+def loader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int | None,
+    cfg: TrainConfig,
+    *,
+    collate_fn: Callable | None = None,
+) -> DataLoader:
     """Shuffled with its own seeded generator when ``seed`` is given (data order independent of init)."""
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -57,6 +146,7 @@ def loader(dataset: Dataset, batch_size: int, seed: int | None, cfg: TrainConfig
         generator=generator,
         num_workers=cfg.num_workers,
         drop_last=False,
+        collate_fn=collate_fn,
     )
 
 
@@ -69,15 +159,18 @@ def make_optimizer(
     warmup_steps: int,
     warmup_lr: float,
     min_lr: float = 0.0,
-) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
+    schedule: str = "cosine",
+) -> tuple[torch.optim.Optimizer, Scheduler]:
     """timm's AdamW over the trainable parameters (no decay on biases, norms, tokens, nor on what the
     method excludes: ``snell.no_weight_decay``), with a per-step linear warmup from ``warmup_lr`` then
-    cosine decay to ``min_lr`` (timm's scheduler)."""
+    cosine (``schedule="cosine"``) or linear (``"linear"``: Hugging Face's linear schedule) decay to
+    ``min_lr`` (timm's schedulers; linear is its polynomial one of power 1)."""
     model_exclusions = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     excluded = set(model_exclusions) | snell.no_weight_decay(model)
     groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=excluded)
     optimizer = create_optimizer_v2(groups, "adamw", lr=lr, weight_decay=weight_decay)
-    scheduler = CosineLRScheduler(
+    shape = {"cosine": CosineLRScheduler, "linear": functools.partial(PolyLRScheduler, power=1.0)}
+    scheduler = shape[schedule](
         optimizer,
         t_initial=max(total_steps - warmup_steps, 1),
         lr_min=min_lr,
@@ -109,19 +202,61 @@ def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig) -> float:
 
 
 def build_model(run: RunConfig) -> Model:
-    """Task data, backbone and tuning method for a run (calibration batches for methods that need them)."""
+    """Task data, backbone and tuning method for a run (calibration batches for methods that need them):
+    a causal LM for a commonsense task, a timm classifier for an image task."""
     cfg = run.train
     device = resolve_device(cfg.device)
+    build = build_causal_lm if is_commonsense_task(run.task) else build_classifier
+    model = build(run, device)
+    calibration = ((x.to(device), y.to(device)) for x, y in model.train_loader(cfg, run.seed + 10_000))
+    snell.apply_method(model.net, run.method_config, calibration=calibration)
+    model.net.to(device)
+    model.method_config = model.net.tuning_config
+    return model
+
+
+def build_classifier(run: RunConfig, device: torch.device) -> Model:
+    """The image task and its timm backbone (new head, random under ``run.seed``), before tuning."""
+    cfg = run.train
     task = build_task(run.task, cfg.data_root, cfg.img_size, protocol=cfg.protocol)
     torch.manual_seed(run.seed)
     net = create_backbone(
         cfg.backbone, task.num_classes, cfg.checkpoint, cfg.pretrained, drop_path_rate=cfg.drop_path_rate
-    ).to(device)
-    calibration = (
-        (x.to(device), y.to(device)) for x, y in loader(task.train, cfg.batch_size, run.seed + 10_000, cfg)
     )
-    snell.apply_method(net, run.method_config, calibration=calibration)
-    return Model(net.to(device), task, device, net.tuning_config)
+    return Model(net.to(device), task, device)
+
+
+def build_causal_lm(run: RunConfig, device: torch.device) -> CausalLmModel:
+    """The commonsense data, its tokenizer and the causal LM, before tuning. A checkpoint folder brings its
+    own tokenizer; a model built from its config (``pretrained: false``, random weights under
+    ``run.seed``) gets a BPE tokenizer learnt on the training texts, its vocabulary size the model's."""
+    cfg = run.train
+    if cfg.checkpoint is None and cfg.pretrained:
+        raise ValueError(
+            f"pretrained {cfg.backbone!r} needs checkpoint: a local Hugging Face model folder (nothing is "
+            "downloaded); pretrained: false builds random weights"
+        )
+    task = build_commonsense(run.task, cfg.data_root, val_examples=cfg.val_examples)
+    if cfg.checkpoint is None:
+        vocab_size = causal_lm_config(cfg.backbone).vocab_size
+        tokenizer = train_tokenizer(map(training_text, task.train), vocab_size=vocab_size)
+        overrides = {"vocab_size": len(tokenizer)}
+    else:
+        tokenizer, overrides = load_tokenizer(cfg.checkpoint), {}
+    torch.manual_seed(run.seed)
+    net = create_causal_lm(cfg.backbone, cfg.checkpoint, **overrides)
+    net.config.use_cache = False  # training keeps no key/value cache; generation asks for one
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(net)
+    train_ids = encode_for_training(tokenizer, task.train, cfg.max_length)
+    return CausalLmModel(net.to(device), task, device, tokenizer=tokenizer, train_ids=train_ids)
+
+
+def enable_gradient_checkpointing(net: nn.Module) -> None:
+    """transformers' own: each decoder layer recomputed in backward (torch's non-reentrant checkpoint,
+    which replays the RNG state, so branch dropout draws the same masks)."""
+    enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
+    enable({"use_reentrant": False})  # transformers >= 5 calls it activation checkpointing
 
 
 def train_run(run: RunConfig, progress: bool = True) -> dict:
@@ -131,10 +266,12 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
     cfg, device, net = run.train, model.device, model.net
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train_loader = loader(model.task.train, cfg.batch_size, run.seed, cfg)
+    train_loader = model.train_loader(cfg, run.seed)
     steps_per_epoch = min(len(train_loader), cfg.limit_train_batches or len(train_loader))
     total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
+    warmup_steps = cfg.warmup_steps
+    if warmup_steps is None:
+        warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
     warmup_lr = cfg.lr * 1e-3 if cfg.warmup_lr is None else cfg.warmup_lr
     optimizer, scheduler = make_optimizer(
         net,
@@ -144,8 +281,9 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
         warmup_steps=warmup_steps,
         warmup_lr=warmup_lr,
         min_lr=cfg.min_lr,
+        schedule=cfg.schedule,
     )
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = model.loss_fn(cfg)
 
     step_precision = precision(device, cfg.amp)
 
@@ -158,8 +296,8 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
     for epoch in range(cfg.epochs):
         net.train()
         epoch_losses = []
-        for images, labels in itertools.islice(train_loader, steps_per_epoch):
-            batch = (images.to(device), labels.to(device))
+        for inputs, labels in itertools.islice(train_loader, steps_per_epoch):
+            batch = (inputs.to(device), labels.to(device))
             if memory is None and epoch_losses and device.type == "cpu":  # optimizer state exists now
                 memory = tracked_step_memory(net, optimizer, functools.partial(record_step, batch))
             else:
@@ -186,8 +324,6 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
 
     median = median_step_time(step_times)
     metrics = {
-        "val_acc": evaluate(model, model.task.val, cfg),
-        "test_acc": evaluate(model, model.task.test, cfg),
         "loss_curve": loss_curve,
         "trainable_params": snell.count_trainable(net),
         "tuned_params": snell.count_tuned(net),
@@ -208,6 +344,7 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
         metrics["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         metrics["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
         metrics["peak_memory_mib"] = metrics["cuda_max_allocated_mib"]
+    metrics |= model.accuracy(cfg)  # last: training's costs are measured (a causal LM merges to generate)
     metrics["wall_time_s"] = time.perf_counter() - start
     return {"metrics": metrics, "method_config": model.method_config.to_dict()}
 
