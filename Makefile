@@ -6,7 +6,7 @@ THREADS ?= 1
 RESULTS ?= results
 export OMP_NUM_THREADS ?= $(THREADS)
 
-.PHONY: setup bench bench-quick report pretrain memory perf notebooks test lint format clean bench-slurm
+.PHONY: setup bench bench-quick report pretrain memory llm-memory perf notebooks test lint format clean bench-slurm
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ pretrain: $(STAMP)
 
 memory: $(STAMP)
 	$(PY) -m bench memory-sweep --results results/memory
+
+llm-memory: $(STAMP)
+	$(PY) -m bench llm-memory --results results/memory
 
 perf: $(STAMP)
 	$(PY) -m pytest bench/perf -q --benchmark-enable --benchmark-columns=min,median,max -p no:cacheprovider

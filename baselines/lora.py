@@ -68,8 +68,8 @@ class LoraLinear(AdaptedLinear):
         return (self._b_matrix() @ self.lora_A) * self.scaling
 
     def forward(self, x: Tensor) -> Tensor:
-        branch = (self.dropout(x) @ self.lora_A.T @ self._b_matrix().T) * self.scaling
-        return self.base(x) + self.drop_path(branch)
+        frozen = self.base(x)  # first, as before drop-path existed: the step's peak depends on the order
+        return frozen + self.drop_path((self.dropout(x) @ self.lora_A.T @ self._b_matrix().T) * self.scaling)
 
 
 @dataclass(frozen=True)

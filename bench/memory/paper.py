@@ -1,8 +1,9 @@
-"""What the memory sweep covers, and the SNELL paper's figures it is compared with."""
+"""What the memory sweeps cover (ViTs; LLaMA-2 under the commonsense recipe), and the SNELL paper's figures
+the ViT sweep is compared with."""
 
 from __future__ import annotations
 
-from bench.arguments import MEMORY_MODELS
+from bench.arguments import LLM_MEMORY_MODELS, MEMORY_MODELS
 
 MODELS = MEMORY_MODELS
 METHODS = (
@@ -32,3 +33,15 @@ PAPER_BATCH = 8
 PAPER_ATTENTION = "explicit"
 """The attention of the public SNELL and GPS code, whose memory the paper reports
 (``bench.backbones.set_attention``)."""
+
+LLM_MODELS = LLM_MEMORY_MODELS
+LLM_METHOD_NAMES = {
+    "full": "full",
+    "lora-32 (commonsense)": "LoRA-32",
+    "snell-32 (commonsense)": "SNELL-32",
+    "dora-32 (commonsense)": "DoRA-32",
+    "gps": "GPS",
+}
+"""The LLM sweep's presets (``bench.arguments.LLM_MEMORY_METHODS``) -> their names in its table."""
+LLM_BASELINE = "lora-32 (commonsense)"
+"""The preset every LLM estimate is divided by (same model and checkpointing)."""

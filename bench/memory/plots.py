@@ -80,3 +80,32 @@ def plot_breakdown(
     fig.tight_layout()
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_llm_memory(estimates: pd.DataFrame, path: Path) -> None:
+    """One panel per model: each method's peak GiB, a bar per gradient checkpointing setting."""
+    data = estimates.assign(
+        peak_gib=estimates.peak_mib / 1024,
+        checkpointing=estimates.gradient_checkpointing.map({True: "on", False: "off"}),
+    )
+    archs = list(dict.fromkeys(data.arch))
+    fig, axes = plt.subplots(1, len(archs), figsize=(6.5 * len(archs), 4.5), squeeze=False, sharey=True)
+    for ax, arch in zip(axes[0], archs, strict=True):
+        panel = data[data.arch == arch]
+        sns.barplot(
+            panel, x="method", y="peak_gib", hue="checkpointing", hue_order=["off", "on"], ax=ax,
+            order=list(dict.fromkeys(data.method)), legend=ax is axes[0][-1],
+        )  # fmt: skip
+        for container in ax.containers:
+            ax.bar_label(container, fmt="%.0f", fontsize=8)
+        ax.set(xlabel="", ylabel="peak memory of a training step (GiB)", title=arch)
+        ax.grid(axis="y", alpha=0.3)
+    sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), title="gradient\ncheckpointing")
+    first = data.iloc[0]
+    fig.suptitle(
+        f"Peak training memory, batch {first.batch_size} x {first.seq_len} tokens, frozen weights "
+        f"{first.frozen_dtype}, {first.precision} autocast (estimated: tensor bytes, fake tensors on CPU)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)

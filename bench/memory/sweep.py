@@ -13,8 +13,9 @@ import argparse
 import multiprocessing
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import pandas as pd
 import torch
@@ -46,14 +47,23 @@ def _row(point: Point, device: str | None = None) -> dict[str, Any]:
     return {"arch": point.arch, "method": point.method, **result.to_dict(), "seconds": seconds}
 
 
-def estimate_all(points: list[Point], workers: int) -> pd.DataFrame:
-    """Estimates of all ``points`` in ``workers`` processes (fake-tensor steps are Python-bound)."""
-    by_size = sorted(points, key=lambda p: (list(MODELS).index(p.arch), p.method), reverse=True)
+T = TypeVar("T")
+
+
+def in_workers(row: Callable[[T], dict[str, Any]], items: list[T], workers: int) -> list[dict[str, Any]]:
+    """``row(item)`` of every item, in ``workers`` spawned processes of one torch thread each (fake-tensor
+    steps are Python-bound), submitted in the order given (largest models first: less waiting at the
+    end); rows in the order they finish. ``row`` must be a module-level function (it is pickled)."""
     spawn = multiprocessing.get_context("spawn")  # a fork of a process that has run torch ops can hang
     with ProcessPoolExecutor(workers, spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        futures = [pool.submit(_row, p) for p in by_size]  # largest models first: less waiting at the end
-        rows = [f.result() for f in tqdm(as_completed(futures), total=len(futures), desc="memory estimates")]
-    return pd.DataFrame(rows)
+        futures = [pool.submit(row, item) for item in items]
+        return [f.result() for f in tqdm(as_completed(futures), total=len(futures), desc="memory estimates")]
+
+
+def estimate_all(points: list[Point], workers: int) -> pd.DataFrame:
+    """Estimates of all ``points`` in ``workers`` processes."""
+    by_size = sorted(points, key=lambda p: (list(MODELS).index(p.arch), p.method), reverse=True)
+    return pd.DataFrame(in_workers(_row, by_size, workers))
 
 
 def measure_all(points: list[Point], device: str) -> pd.DataFrame:

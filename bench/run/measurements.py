@@ -21,7 +21,7 @@ from bench.run.provenance import provenance
 from bench.run.records import RecordError, write_json
 
 MEASUREMENT_SCHEMA = 1
-KINDS = ("perf-step", "memory-sweep", "gpu-check")
+KINDS = ("perf-step", "memory-sweep", "llm-memory", "gpu-check")
 
 
 def measurement_path(results: str | Path, kind: str) -> Path:
