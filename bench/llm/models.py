@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 LLAMA2_7B = {
@@ -111,3 +112,12 @@ def check_checkpoint_folder(path: Path) -> None:
             f"causal LM checkpoint {path} has no {' and no '.join(missing)} "
             "(expected config.json and model*.safetensors or pytorch_model*.bin)"
         )
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' own gradient (activation) checkpointing of every decoder layer, non-reentrant: frozen
+    embeddings need no input gradient, and torch's non-reentrant checkpoint replays the RNG state, so a
+    branch dropout draws the same masks in the recomputation (transformers >= 5 names it activation
+    checkpointing)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})

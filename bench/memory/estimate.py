@@ -49,7 +49,12 @@ import snell
 from bench import step
 from bench.arguments import parse
 from bench.backbones import check_attention, create_backbone, set_attention
-from bench.llm.models import CAUSAL_LM_CONFIGS, create_causal_lm, is_causal_lm_name
+from bench.llm.models import (
+    CAUSAL_LM_CONFIGS,
+    create_causal_lm,
+    enable_gradient_checkpointing,
+    is_causal_lm_name,
+)
 from bench.run.measure import MIB, StepMemoryTracker, peak_breakdown
 from snell.families import is_causal_lm
 from snell.layer import code_path
@@ -141,13 +146,6 @@ def _dropout_as_on_cuda(model: nn.Module) -> None:
             setattr(model.get_submodule(parent), child, BranchDropout(module.p))
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
-    """transformers' activation (gradient) checkpointing of every decoder layer, non-reentrant (so that
-    frozen embeddings need no input gradient); its older name before transformers 5."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
-
-
 @contextmanager
 def _one_sequence_per_sample() -> Iterator[None]:
     """transformers looks for packed sequences in the position ids; on fake tensors it cannot read them and
@@ -178,7 +176,7 @@ def _setup(
     snell.apply_method(model, config.without_data(model))
     _store_weights(model, frozen_dtype)
     if gradient_checkpointing:
-        _enable_checkpointing(model)
+        enable_gradient_checkpointing(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **OPTIMIZER)
     for p in optimizer.param_groups[0]["params"]:

@@ -42,7 +42,7 @@ from bench.llm.commonsense import (
     training_text,
 )
 from bench.llm.generate import commonsense_accuracy, fold_adapters
-from bench.llm.models import causal_lm_config, create_causal_lm
+from bench.llm.models import causal_lm_config, create_causal_lm, enable_gradient_checkpointing
 from bench.run.config import RunConfig, TrainConfig
 from bench.run.measure import median_step_time, tracked_step_memory
 
@@ -250,13 +250,6 @@ def build_causal_lm(run: RunConfig, device: torch.device) -> CausalLmModel:
         enable_gradient_checkpointing(net)
     train_ids = encode_for_training(tokenizer, task.train, cfg.max_length)
     return CausalLmModel(net.to(device), task, device, tokenizer=tokenizer, train_ids=train_ids)
-
-
-def enable_gradient_checkpointing(net: nn.Module) -> None:
-    """transformers' own: each decoder layer recomputed in backward (torch's non-reentrant checkpoint,
-    which replays the RNG state, so branch dropout draws the same masks)."""
-    enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
-    enable({"use_reentrant": False})  # transformers >= 5 calls it activation checkpointing
 
 
 def train_run(run: RunConfig, progress: bool = True) -> dict:
