@@ -237,13 +237,7 @@ def _perf_step(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     p.add_argument("--rounds", type=int, default=9, help="timed steps per variant, at most")
     p.add_argument("--budget", type=float, default=150.0, help="seconds of timed rounds, after 3 rounds")
-    p.add_argument(
-        "--llama-model",
-        default="llama_7b_width",
-        help="named LLaMA shape (bench.llm.models) of the LLaMA setting; '' skips it",
-    )
-    p.add_argument("--llama-batch", type=int, default=1, help="sequences per step in the LLaMA setting")
-    p.add_argument("--llama-seq-len", type=int, default=64, help="tokens per sequence in the LLaMA setting")
+    _llama_arguments(p, "llama_7b_width", batch=1, seq_len=64, where="the LLaMA setting")
     p.add_argument("--llama-threads", type=int, default=2, help="torch threads in the LLaMA setting")
     p.add_argument("--llama-rounds", type=int, default=2, help="timed steps per variant, LLaMA setting")
     p.add_argument(
@@ -253,6 +247,13 @@ def _perf_step(p: argparse.ArgumentParser) -> None:
         default=list(MEMORY_BATCH_SIZES),
         help="ViT-B/16 simulator batches (none: skip)",
     )
+
+
+def _llama_arguments(p: argparse.ArgumentParser, model: str, *, batch: int, seq_len: int, where: str) -> None:
+    """--llama-model (a named shape of bench.llm.models; '' skips), --llama-batch, --llama-seq-len."""
+    p.add_argument("--llama-model", default=model, help=f"named LLaMA shape of {where}; '' skips it")
+    p.add_argument("--llama-batch", type=int, default=batch, help="sequences per step, LLaMA")
+    p.add_argument("--llama-seq-len", type=int, default=seq_len, help="tokens per sequence, LLaMA")
 
 
 def _gpu_check(p: argparse.ArgumentParser) -> None:
@@ -266,13 +267,9 @@ def _gpu_check(p: argparse.ArgumentParser) -> None:
     p.add_argument("--commit", help="the git commit measured (a device machine's copy has no git metadata)")
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model (random weights)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a try of the script on a small model")
-    p.add_argument(
-        "--llama-model",
-        default="llama2_7b",
-        help="named LLaMA shape for the bf16 LLaMA rows ('' skips them; llama_tiny with --device cpu)",
+    _llama_arguments(
+        p, "llama2_7b", batch=16, seq_len=256, where="the bf16 LLaMA rows (with --device cpu: llama_tiny)"
     )
-    p.add_argument("--llama-batch", type=int, default=16, help="sequences per step in the LLaMA rows")
-    p.add_argument("--llama-seq-len", type=int, default=256, help="tokens per sequence in the LLaMA rows")
 
 
 def _notebooks(p: argparse.ArgumentParser) -> None:
