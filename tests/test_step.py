@@ -50,7 +50,6 @@ def test_gpu_check_runs_the_step(calls):
 
 
 def test_perf_benchmark_runs_the_step(calls):
-    images, labels = torch.randn(2, 3, 64, 64), torch.randint(10, (2,))
-    setting = bench.perf.step_bench.Setting(2, 64, 1)
-    bench.perf.step_bench.build(bench.perf.step_bench.VARIANTS[0], setting, images, labels).step()
+    workload = bench.perf.step_bench.vit_workload(bench.perf.step_bench.Setting(2, 64, 1))
+    bench.perf.step_bench.build(bench.perf.step_bench.VARIANTS[0], workload).step()
     assert calls == [("VisionTransformer", "fp32")]
