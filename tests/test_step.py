@@ -3,7 +3,6 @@ all run ``bench.step.train_step`` (a spy counts its calls from each), so the ste
 estimated is the step that is trained and timed."""
 
 import pytest
-import torch
 
 import bench.memory.estimate
 import bench.perf.gpu_check
