@@ -1,4 +1,5 @@
-"""Helpers shared by the harness tests: tiny sweeps that train in seconds on real embedded data."""
+"""Helpers shared by the tests: tiny sweeps that train in seconds on real embedded data, and a snapshot of
+everything an atomic call must leave untouched."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,3 +53,21 @@ def comparable(results: Path) -> dict[str, tuple]:
             tuple(r["metrics"].get("loss_curve", ())),
         )
     return out
+
+
+def model_snapshot(model) -> tuple:
+    """What an atomic call must leave untouched: tensors, flags, module types, config."""
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        [(n, type(m).__name__) for n, m in model.named_modules()],
+        getattr(model, "tuning_config", None),
+    )
+
+
+def assert_unchanged(model, snapshot) -> None:
+    """Fail unless ``model`` is exactly as ``model_snapshot`` saw it."""
+    state, flags, types, config = snapshot
+    now_state, now_flags, now_types, now_config = model_snapshot(model)
+    assert now_state.keys() == state.keys() and all(torch.equal(now_state[k], state[k]) for k in state)
+    assert (now_flags, now_types, now_config) == (flags, types, config)

@@ -8,6 +8,7 @@ import torch
 
 import snell
 from tests.conftest import make_tiny_vit
+from tests.harness import assert_unchanged, model_snapshot
 
 ADAPTER_METHODS = ["lora", "snell"]
 
@@ -144,23 +145,6 @@ def test_corrupt_adapter_names_the_file(tmp_path, tiny_vit):
     weights.write_bytes(weights.read_bytes()[:50])
     with pytest.raises(ValueError, match="adapter_model.safetensors"):
         snell.load_adapter(make_tiny_vit(), path)
-
-
-def model_snapshot(model):
-    """What an atomic call must leave untouched: tensors, flags, module types, config."""
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [(n, p.requires_grad) for n, p in model.named_parameters()],
-        [(n, type(m).__name__) for n, m in model.named_modules()],
-        getattr(model, "tuning_config", None),
-    )
-
-
-def assert_unchanged(model, snapshot):
-    state, flags, types, config = snapshot
-    now_state, now_flags, now_types, now_config = model_snapshot(model)
-    assert now_state.keys() == state.keys() and all(torch.equal(now_state[k], state[k]) for k in state)
-    assert (now_flags, now_types, now_config) == (flags, types, config)
 
 
 def saved_adapter(tmp_path, model, **options):

@@ -13,6 +13,7 @@ import snell
 from baselines.gps import GpsLinear
 from bench.run.train import make_optimizer
 from bench.step import train_step
+from tests.harness import assert_unchanged, model_snapshot
 
 
 @pytest.fixture
@@ -176,25 +177,17 @@ def test_bad_config_values_name_the_value(option, value):
         snell.method_config("gps", **{option: value})
 
 
-def snapshot(model: nn.Module) -> tuple:
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    return state, [type(m) for m in model.modules()], [p.requires_grad for p in model.parameters()]
-
-
 @pytest.mark.parametrize(
     ("options", "with_data", "message"),
     [({"k": 33}, True, "k=33"), ({"k": 1}, False, "calibration"), ({"k": 1}, "empty", "empty")],
 )
 def test_failed_apply_raises_and_leaves_model_unchanged(calibration, options, with_data, message):
     model = make_tiny_vit()
-    state, types, flags = snapshot(model)
+    before = model_snapshot(model)
     data = {True: calibration, False: None, "empty": []}[with_data]
     with pytest.raises(ValueError, match=message):
         snell.apply_method(model, snell.method_config("gps", **options), data)
-    new_state, new_types, new_flags = snapshot(model)
-    assert state.keys() == new_state.keys()
-    assert all(torch.equal(state[k], new_state[k]) for k in state)
-    assert (types, flags) == (new_types, new_flags)
+    assert_unchanged(model, before)
     assert getattr(model, "tuning_config", None) is None
 
 

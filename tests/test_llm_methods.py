@@ -16,6 +16,7 @@ from bench.step import next_token_loss, train_step
 from snell.families import IGNORE_INDEX, head_module, is_causal_lm
 from snell.sparsify import RULES
 from snell.wrap import AdaptedLinear
+from tests.harness import assert_unchanged, model_snapshot
 
 VOCAB, WIDTH, MLP = 96, 32, 64
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -145,13 +146,6 @@ def test_bitfit_names_the_missing_biases():
         snell.apply_method(tiny_llama(), snell.method_config("bitfit"))
 
 
-def state(model: torch.nn.Module) -> tuple:
-    return (
-        [(n, type(m).__name__) for n, m in model.named_modules()],
-        [(n, p.requires_grad) for n, p in model.named_parameters()],
-    )
-
-
 @pytest.mark.parametrize(
     "method, options, named",
     [
@@ -163,10 +157,10 @@ def state(model: torch.nn.Module) -> tuple:
 )
 def test_bad_target_or_option_names_it_and_leaves_the_model_unchanged(method, options, named):
     model = tiny_llama()
-    before = state(model)
+    before = model_snapshot(model)
     with pytest.raises(ValueError, match=named.replace(".", r"\.").replace("*", r"\*")):
         snell.apply_method(model, snell.method_config(method, **options))
-    assert state(model) == before
+    assert_unchanged(model, before)
     assert getattr(model, "tuning_config", None) is None
 
 
