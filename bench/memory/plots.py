@@ -83,11 +83,9 @@ def plot_breakdown(
 
 
 def plot_llm_memory(estimates: pd.DataFrame, path: Path) -> None:
-    """One panel per model: each method's peak GiB, a bar per gradient checkpointing setting."""
-    data = estimates.assign(
-        peak_gib=estimates.peak_mib / 1024,
-        checkpointing=estimates.gradient_checkpointing.map({True: "on", False: "off"}),
-    )
+    """One panel per model: each method's peak GiB, a bar per gradient checkpointing setting (its
+    ``checkpointing`` column: "off" or "on")."""
+    data = estimates.assign(peak_gib=estimates.peak_mib / 1024)
     archs = list(dict.fromkeys(data.arch))
     fig, axes = plt.subplots(1, len(archs), figsize=(6.5 * len(archs), 4.5), squeeze=False, sharey=True)
     for ax, arch in zip(axes[0], archs, strict=True):

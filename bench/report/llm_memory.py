@@ -17,8 +17,6 @@ from bench.memory.paper import LLM_BASELINE, LLM_METHOD_NAMES, LLM_MODELS
 from bench.memory.plots import plot_llm_memory
 from snell.wrap import DEFAULT_TARGETS
 
-GIB = 2**30
-MIB = 2**20
 BREAKDOWN = {
     "params_mib": "parameters",
     "buffers_mib": "buffers",
@@ -43,7 +41,7 @@ def checkpointing_name(on: bool) -> str:
 
 
 def _gib(mib: float) -> str:
-    return "-" if pd.isna(mib) else f"{mib * MIB / GIB:,.2f}"
+    return "-" if pd.isna(mib) else f"{mib / 1024:,.2f}"
 
 
 def _estimates(points: pd.DataFrame) -> pd.DataFrame:
@@ -142,7 +140,9 @@ def render_llm_memory(record: dict, tables: dict[str, pd.DataFrame], folder: Pat
     points.to_csv(folder / "llm_memory.csv", index=False)
     done = _estimates(points)
     if not done.empty:
-        plot_llm_memory(done.assign(method=done.method.map(method_name)), folder / "llm_memory.png")
+        names = {"method": done.method.map(method_name)}
+        names["checkpointing"] = done.gradient_checkpointing.map(checkpointing_name)
+        plot_llm_memory(done.assign(**names), folder / "llm_memory.png")
     settings = record["settings"]
     return {
         **{
