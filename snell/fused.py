@@ -13,6 +13,10 @@ the merge writes W0 + S: at most one out x in temporary per layer; backward reco
 kernels. Triton is optional: the ops run on CUDA tensors when it imports, and on CPU tensors when
 ``TRITON_INTERPRET=1`` was set before it was imported (how the tests run them); their fake
 implementations need no Triton.
+
+The path degrades instead of failing: if Triton is missing on a CUDA device, or a kernel fails to compile
+or launch (``guarded``), the ops are turned off for the process with one warning that names the kernel and
+the reason (``failure``), and SNELL's layers compute the same results with torch's CUDA ops.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -35,13 +41,54 @@ def _triton_imports() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+_failure: str | None = None
+
+
+class Fallback(RuntimeError):
+    """A fused op could not run; the caller computes the same result with torch instead."""
+
+
+def failure() -> str | None:
+    """Why the fused ops are off in this process ("<kernel>: <reason>"), or None while they are usable."""
+    return _failure
+
+
+def _turn_off(kernel: str, reason: str) -> None:
+    global _failure
+    _failure = f"{kernel}: {reason}"
+    warnings.warn(
+        f"snell: fused Triton kernel {kernel} is unavailable ({reason}); SNELL layers use torch's CUDA ops"
+        " from now on, with the same results (snell.layer.code_path still chooses the path explicitly)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def available(device: torch.device) -> bool:
-    """Whether the ops run on ``device``: CUDA with Triton, or the CPU in Triton's interpreter."""
-    if not _triton_imports():
+    """Whether the ops run on ``device``: CUDA with Triton, or the CPU in Triton's interpreter; never
+    after they were turned off (``failure``). A CUDA device without Triton turns them off."""
+    if _failure is not None:
         return False
     if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        if not _triton_imports():
+            _turn_off("update_kernel, vjp_kernel", "Triton is not installed")
+        return _failure is None
+    return device.type == "cpu" and _triton_imports() and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def guarded(
+    kernel: str, op: Callable[..., Tensor | tuple[Tensor, Tensor]], *args
+) -> Tensor | tuple[Tensor, ...]:
+    """``op(*args)``; if its kernel fails to compile or launch, turn the fused ops off (``_turn_off``) and
+    raise ``Fallback``. Running out of memory is not a kernel failure: it propagates."""
+    try:
+        return op(*args)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        _turn_off(f"{kernel} (r={args[0].shape[-1]})", f"{type(err).__name__}: {first_line}")
+        raise Fallback(_failure) from err
 
 
 NUM_WARPS = 8

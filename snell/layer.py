@@ -412,7 +412,18 @@ class SnellLinear(AdaptedLinear):
     ) -> Tensor:
         """S(dW) (+ ``add``), or |dW|, of the whole matrix from the fused op, dW computed on the fly."""
         rule = fused.RULE_IDS[self.rule]
-        return fused.update(*self._fused_args(a, b), t, add, 1.0, rule, magnitude)
+        return fused.guarded(
+            "update_kernel", fused.update, *self._fused_args(a, b), t, add, 1.0, rule, magnitude
+        )
+
+    def _fused_sparse_update(self, a: Tensor, b: Tensor, add: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        """``sparse_update`` from the fused ops: |dW| for the threshold, freed before S is written."""
+        t = None
+        if self.sparsity != 0:
+            magnitude = self._fused_update(a, b, None, None, magnitude=True)
+            t = threshold(magnitude, self.sparsity, self.groups, magnitude=True, device_type="cuda")
+            del magnitude
+        return t, self._fused_update(a, b, t, add)
 
     @torch.no_grad()
     def sparse_update(
@@ -422,12 +433,10 @@ class SnellLinear(AdaptedLinear):
         out x in tensor: the forward pass's update."""
         a, b = a.detach(), b.detach()  # views of a parameter made under no_grad would still require grad
         if self.fused(b):
-            t = None
-            if self.sparsity != 0:  # |dW| for the threshold, freed before the update is written
-                magnitude = self._fused_update(a, b, None, None, magnitude=True)
-                t = threshold(magnitude, self.sparsity, self.groups, magnitude=True, device_type="cuda")
-                del magnitude
-            return t, self._fused_update(a, b, t, add)
+            try:
+                return self._fused_sparse_update(a, b, add)
+            except fused.Fallback:  # the fused ops are off from now on (one warning): torch computes it
+                pass
         dw = self.blockwise_update(a, b, kernel_params)
         t = threshold(dw, self.sparsity, self.groups, device_type=device_type_of(b.device))
         update = apply_rule(dw, t, self.rule, inplace=True)
@@ -449,13 +458,29 @@ class SnellLinear(AdaptedLinear):
         path, in closed form where the kernel has one (no autograd graph, a few block-sized
         temporaries), else by autograd through ``kernel_update``."""
         if self.fused(b):
-            found = [None, None]
-            if any(wants):
-                found = list(fused.vjp(*self._fused_args(a, b), t, grad, fused.RULE_IDS[self.rule]))
-            update = self._fused_update(a, b, t, add)
-            return update, [grad if want else None for grad, want in zip(found, wants[:2], strict=True)]
+            try:
+                return self._fused_update_vjp(a, b, t, grad, wants, add)
+            except fused.Fallback:  # the fused ops are off from now on (one warning): torch computes it
+                pass
         update, grads = self._update_vjp(a, b, kernel_params, t, grad, wants)
         return update if add is None else update.add_(add), grads
+
+    def _fused_update_vjp(
+        self,
+        a: Tensor,
+        b: Tensor,
+        t: Tensor | None,
+        grad: Tensor,
+        wants: tuple[bool, ...],
+        add: Tensor | None,
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """``update_vjp`` from the fused ops (the kernel has no parameters: only a and b get gradients)."""
+        found = [None, None]
+        if any(wants):
+            rule = fused.RULE_IDS[self.rule]
+            found = list(fused.guarded("vjp_kernel", fused.vjp, *self._fused_args(a, b), t, grad, rule))
+        update = self._fused_update(a, b, t, add)
+        return update, [grad if want else None for grad, want in zip(found, wants[:2], strict=True)]
 
     def _update_vjp(self, a, b, kernel_params, t, grad, wants) -> tuple[Tensor, list[Tensor | None]]:
         if not any(wants):
