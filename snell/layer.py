@@ -23,7 +23,7 @@ the three (3 in x r), ``lora_B`` (out x r) is the three B's one above the other.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -36,7 +36,8 @@ from torch.func import functional_call
 import snell.fused as fused
 
 from .kernels import Kernel, PiecewiseLinearKernel, init_factor_
-from .sparsify import apply_rule, rule_vjp, threshold
+from .sampled import masked_product
+from .sparsify import apply_rule, kept_mask, rule_vjp, threshold
 from .wrap import AdaptedLinear, branch_drop_path, branch_dropout
 
 BLOCK_ENTRIES = {"cpu": 2**19, "cuda": 2**20}
@@ -49,6 +50,13 @@ larger there; the piecewise-linear kernel runs the fused ops there (one block), 
 other kernels: 4 MiB blocks keep SNELLA's softmax kernel within 1% of SNELL-8's memory (ViT-B/16 batch 8
 estimate; 16 MiB blocks: 4%), with 3 blocks for a ViT-B/16 fc1. Other devices use the CUDA size."""
 
+
+SAMPLED_MIN_SPARSITY = 0.75
+"""On a CPU, backward computes the update's gradient g^T x only at the kept entries (a sampled product,
+``torch.sparse.sampled_addmm``; every rule passes no gradient to the others) where a layer drops at least
+this share of dW: at s = 0.9 on ViT widths with 2080 tokens the sampled product takes 0.3-0.6x the dense
+matmul's time (measured on the CPU benchmark's shapes); its cost grows with the kept share, the dense
+matmul's does not."""
 
 _code_path: str | None = None
 
@@ -246,19 +254,14 @@ class KernelSparseLinearFn(torch.autograd.Function):
         rows_total = layer.out_features
         for rows, cols, groups in blocks:
             overlaps = [(part, *o) for part in ctx.parts if (o := _overlap(rows, part, rows_total))]
-            grad_update = g.new_empty(_length(rows, rows_total), _length(cols, layer.in_features))
-            for part, absolute, local in overlaps:
-                g_kept = _samples(g, part.kept, absolute)
-                torch.mm(g_kept.T, _samples(source, part.kept, cols), out=grad_update[local])
-                if part.scale != 1.0:
-                    grad_update[local].mul_(part.scale)
+            shape = (_length(rows, rows_total), _length(cols, layer.in_features))
             t_block = None if t is None else t[groups]
             factors = layer.a_block(a, rows, cols), layer.b_block(b, rows)
             update, block_grads = layer.update_vjp(
                 *factors,
                 kernel_params,
                 t_block,
-                grad_update.to(a.dtype),
+                lambda kept, o=overlaps, c=cols, s=shape: _weight_grad(g, source, o, s, c, kept).to(a.dtype),
                 wants,
                 add=weight[rows, cols] if one_matmul else None,
             )
@@ -304,6 +307,30 @@ class KernelSparseLinearFn(torch.autograd.Function):
 def _length(part: slice, size: int) -> int:
     start, stop, _ = part.indices(size)
     return stop - start
+
+
+def _weight_grad(
+    g: Tensor, source: Tensor, overlaps: list, shape: tuple[int, int], cols: slice, kept: Tensor | None
+) -> Tensor:
+    """g^T x of one block of dW from the samples of each overlapping drop-path part (scaled by it):
+    dense, or only at the ``kept`` entries of the block (zeros elsewhere, ``masked_product``; in float32/64:
+    the sampled product takes no half precision, which autocast may give ``g``)."""
+    if g.dtype not in (torch.float32, torch.float64):
+        kept = None
+    if kept is not None and len(overlaps) == 1:  # one part: the sampled product is the block
+        part, absolute, _ = overlaps[0]
+        found = masked_product(kept, _samples(g, part.kept, absolute).T, _samples(source, part.kept, cols))
+        return found if part.scale == 1.0 else found.mul_(part.scale)
+    grad = g.new_empty(shape)
+    for part, absolute, local in overlaps:
+        left, right = _samples(g, part.kept, absolute).T, _samples(source, part.kept, cols)
+        if kept is None:
+            torch.mm(left, right, out=grad[local])
+        else:
+            grad[local] = masked_product(kept[local], left, right)
+        if part.scale != 1.0:
+            grad[local].mul_(part.scale)
+    return grad
 
 
 def _accumulate(target: Tensor, samples: Tensor | None, cols: slice, g: Tensor, weight: Tensor) -> None:
@@ -448,14 +475,16 @@ class SnellLinear(AdaptedLinear):
         b: Tensor,
         kernel_params,
         t: Tensor | None,
-        grad: Tensor,
+        grad: Callable[[Tensor | None], Tensor],
         wants: tuple[bool, ...],
         *,
         add: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor | None]]:
         """S(dW) of one block (+ ``add``; a fresh tensor) and the gradients of a, b and the kernel's
-        parameters that ``wants`` asks for, given ``grad`` reaching S: from the fused ops on the CUDA
-        path, in closed form where the kernel has one (no autograd graph, a few block-sized
+        parameters that ``wants`` asks for, given the gradient reaching S, ``grad(kept)``: asked for only
+        where a gradient is wanted, with the kept entries' mask where only those are needed
+        (``samples_gradient``; entries off it may be zero), else None (every entry). From the fused ops
+        on the CUDA path, in closed form where the kernel has one (no autograd graph, a few block-sized
         temporaries), else by autograd through ``kernel_update``."""
         if self.fused(b):
             try:
@@ -470,7 +499,7 @@ class SnellLinear(AdaptedLinear):
         a: Tensor,
         b: Tensor,
         t: Tensor | None,
-        grad: Tensor,
+        grad: Callable[[Tensor | None], Tensor],
         wants: tuple[bool, ...],
         add: Tensor | None,
     ) -> tuple[Tensor, list[Tensor | None]]:
@@ -478,9 +507,18 @@ class SnellLinear(AdaptedLinear):
         found = [None, None]
         if any(wants):
             rule = fused.RULE_IDS[self.rule]
-            found = list(fused.guarded("vjp_kernel", fused.vjp, *self._fused_args(a, b), t, grad, rule))
+            args = (*self._fused_args(a, b), t, grad(None), rule)
+            found = list(fused.guarded("vjp_kernel", fused.vjp, *args))
         update = self._fused_update(a, b, t, add)
         return update, [grad if want else None for grad, want in zip(found, wants[:2], strict=True)]
+
+    def samples_gradient(self, t: Tensor | None, like: Tensor) -> bool:
+        """Whether backward needs the gradient reaching S only at the kept entries (``masked_product``): on
+        the CPU path, where every group drops at least ``SAMPLED_MIN_SPARSITY``."""
+        if t is None or is_fake(like):
+            return False
+        ratios = self.sparsity if isinstance(self.sparsity, tuple | list) else (self.sparsity,)
+        return device_type_of(like.device) == "cpu" and min(ratios) >= SAMPLED_MIN_SPARSITY
 
     def _update_vjp(self, a, b, kernel_params, t, grad, wants) -> tuple[Tensor, list[Tensor | None]]:
         if not any(wants):
@@ -491,7 +529,9 @@ class SnellLinear(AdaptedLinear):
         if closed is not None:
             with torch.no_grad():
                 dw, vjp = closed
-                found = vjp(rule_vjp(dw, t, self.rule, grad).view(dw.shape))
+                block = dw.reshape(-1, a.shape[-2])
+                reaching = grad(kept_mask(block, t) if self.samples_gradient(t, block) else None)
+                found = vjp(rule_vjp(dw, t, self.rule, reaching).view(dw.shape))
                 update = apply_rule(dw.reshape(-1, a.shape[-2]), t, self.rule, inplace=True)
             grads = [*found[:2], *found[2]]
             return update, [grad if want else None for grad, want in zip(grads, wants, strict=True)]
@@ -499,7 +539,7 @@ class SnellLinear(AdaptedLinear):
         with torch.enable_grad():
             update = apply_rule(self.kernel_update(leaves[0], leaves[1], leaves[2:]), t, self.rule)
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
-        found = iter(torch.autograd.grad(update, wanted, grad))
+        found = iter(torch.autograd.grad(update, wanted, grad(None)))
         return update.detach(), [next(found) if leaf.requires_grad else None for leaf in leaves]
 
     @torch.no_grad()

@@ -136,6 +136,12 @@ def apply_rule(dw: Tensor, t: Tensor | None, rule: str, *, inplace: bool = False
     return out.reshape(dw.shape)
 
 
+def kept_mask(dw: Tensor, t: Tensor) -> Tensor:
+    """The entries of dW (rows split into ``len(t)`` groups) that every rule keeps: |dW| > t."""
+    groups = t.numel()
+    return (dw.reshape(groups, -1).abs() > t.reshape(groups, 1)).reshape(dw.shape)
+
+
 def rule_vjp(dw: Tensor, t: Tensor | None, rule: str, grad: Tensor) -> Tensor:
     """The gradient reaching dW from ``grad``, the gradient of ``apply_rule(dw, t, rule)``: what autograd
     computes through it, in closed form (t is a constant, as in the public code)."""
