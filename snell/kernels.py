@@ -37,6 +37,14 @@ class Kernel(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    has_pairs = False
+    """Whether ``pairs`` evaluates the kernel on gathered pairs of rows (SNELL's CPU backward then works on
+    the kept entries alone)."""
+
+    def pairs(self, a: Tensor, b: Tensor) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, Tensor]]]:
+        """kappa(a[n], b[n]) for pairs of rows a, b (n, r), and its vjp: grad (n,) -> grads of a and b."""
+        raise NotImplementedError(f"kernel {self.name!r} has no pairwise form")
+
     def closed_form(self, a: Tensor, b: Tensor) -> tuple[Tensor, VJP] | None:
         """dW and a function mapping grad (the gradient reaching dW) to the gradients of ``a``, ``b`` and
         the kernel's parameters (in ``named_parameters`` order), without autograd; None for kernels that
@@ -172,6 +180,23 @@ class PiecewiseLinearKernel(Kernel):
         a_p, b_p = self._pieces(a), self._pieces(b)
         dist = torch.cdist(b_p, a_p)  # (P, ..., out, in)
         return torch.tensordot(self.coefficients.to(dist.dtype), dist, dims=1)
+
+    has_pairs = True
+
+    def pairs(self, a: Tensor, b: Tensor) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, Tensor]]]:
+        """``Kernel.pairs``: sum_p c_p ||a_p - b_p|| per pair, the distances computed directly (cdist's
+        matmul form, which ``forward`` may take, rounds differently in the last bits); d/da_p =
+        c_p (a_p - b_p) / D_p (0 where D_p = 0, cdist's subgradient), d/db_p its negative."""
+        diff = (a - b).unflatten(-1, (self.pieces, -1))
+        dist = diff.square().sum(-1).sqrt()
+        coef = self.coefficients.to(dist.dtype)
+
+        def vjp(grad: Tensor) -> tuple[Tensor, Tensor]:
+            h = (grad[:, None] * coef / dist).masked_fill_(dist == 0, 0)
+            grad_a = (h[..., None] * diff).flatten(1)
+            return grad_a, -grad_a
+
+        return dist @ coef, vjp
 
     def _pieces(self, factor: Tensor) -> Tensor:
         """(..., rows, r) -> (P, ..., rows, r/P): the slices whose distances the kernel sums."""

@@ -23,7 +23,7 @@ the three (3 in x r), ``lora_B`` (out x r) is the three B's one above the other.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -36,8 +36,8 @@ from torch.func import functional_call
 import snell.fused as fused
 
 from .kernels import Kernel, PiecewiseLinearKernel, init_factor_
-from .sampled import masked_product
-from .sparsify import apply_rule, kept_mask, rule_vjp, threshold
+from .sampled import Entries
+from .sparsify import apply_rule, kept_mask, rule_at, rule_vjp, threshold
 from .wrap import AdaptedLinear, branch_drop_path, branch_dropout
 
 BLOCK_ENTRIES = {"cpu": 2**19, "cuda": 2**20}
@@ -97,18 +97,19 @@ def weight_blocks(
     groups: int,
     device: torch.device,
     *,
-    fused: bool = False,
+    whole: bool = False,
     whole_columns: bool = False,
 ) -> list[tuple[slice, slice, slice]]:
     """(rows, columns, threshold groups) of the blocks of dW that backward works on.
 
     The longer side is split, so that blocks stay wide enough for efficient matmuls; column blocks span
     every row (``rows`` is ``slice(None)``: every group), row blocks stay inside one threshold group.
-    ``fused``: one block, the whole matrix (the fused ops keep no block-sized temporaries).
+    ``whole``: one block, the whole matrix (the fused ops, and backward on the kept entries, keep no
+    dW-sized temporaries to bound but the update itself).
     ``whole_columns``: column blocks only (the kernel couples the entries of a column).
     """
     everything = slice(None)
-    if fused:  # the fused ops compute dW on the fly: no block-sized temporaries to bound
+    if whole:
         return [(everything, everything, everything)]
     entries = BLOCK_ENTRIES.get(device_type_of(device), BLOCK_ENTRIES["cuda"])
     if whole_columns or in_features >= out_features or out_features * in_features <= entries:
@@ -202,7 +203,12 @@ class KernelSparseLinearFn(torch.autograd.Function):
         merged = branch_x is None
         with torch.no_grad():
             one_matmul = merged and keep is None
-            t, update = layer.sparse_update(a, b, kernel_params, weight if one_matmul else None)
+            full_precision = x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(
+                "cpu"
+            )
+            gathered = full_precision and layer.gathers(b)
+            add = weight if one_matmul else None
+            t, update, index = layer.sparse_update(a, b, kernel_params, add, record_kept=gathered)
             found = parts(layer, keep if merged else None, x.device)
             scale = None if merged or keep is None else branch_scale(layer, keep, x)
             if one_matmul:
@@ -224,17 +230,17 @@ class KernelSparseLinearFn(torch.autograd.Function):
                         branch.unflatten(-1, (layer.groups, -1)), scale
                     )
         ctx.layer, ctx.parts, ctx.x_dtype = layer, found, x.dtype
-        ctx.save_for_backward(x if merged else None, branch_x, weight, a, b, t, scale, *kernel_params)
+        ctx.save_for_backward(x if merged else None, branch_x, weight, a, b, t, scale, index, *kernel_params)
         return y
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        x, branch_x, weight, a, b, t, scale, *kernel_params = ctx.saved_tensors
+        x, branch_x, weight, a, b, t, scale, index, *kernel_params = ctx.saved_tensors
         layer: SnellLinear = ctx.layer
         needs = ctx.needs_input_grad
         wants = needs[4:6] + needs[8:]  # a, b, then the kernel's parameters
-        blocks = layer.blocks(b)
+        blocks = layer.blocks(b, gathered=index is not None)
         single = len(blocks) == 1  # block gradients are the gradients: nothing to accumulate
         grads = [
             torch.zeros_like(p) if n and not single else None
@@ -257,13 +263,18 @@ class KernelSparseLinearFn(torch.autograd.Function):
             shape = (_length(rows, rows_total), _length(cols, layer.in_features))
             t_block = None if t is None else t[groups]
             factors = layer.a_block(a, rows, cols), layer.b_block(b, rows)
+            entries = None
+            if index is not None:
+                bounds = [span.indices(n)[:2] for span, n in ((rows, rows_total), (cols, layer.in_features))]
+                entries = Entries.from_index(index, layer.in_features, *bounds)
             update, block_grads = layer.update_vjp(
                 *factors,
                 kernel_params,
                 t_block,
-                lambda kept, o=overlaps, c=cols, s=shape: _weight_grad(g, source, o, s, c, kept).to(a.dtype),
+                WeightGrad(g, source, overlaps, shape, cols, a.dtype),
                 wants,
                 add=weight[rows, cols] if one_matmul else None,
+                entries=entries,
             )
             for i, grad in enumerate(block_grads):
                 if grad is None:
@@ -309,28 +320,50 @@ def _length(part: slice, size: int) -> int:
     return stop - start
 
 
-def _weight_grad(
-    g: Tensor, source: Tensor, overlaps: list, shape: tuple[int, int], cols: slice, kept: Tensor | None
-) -> Tensor:
-    """g^T x of one block of dW from the samples of each overlapping drop-path part (scaled by it):
-    dense, or only at the ``kept`` entries of the block (zeros elsewhere, ``masked_product``; in float32/64:
-    the sampled product takes no half precision, which autocast may give ``g``)."""
-    if g.dtype not in (torch.float32, torch.float64):
-        kept = None
-    if kept is not None and len(overlaps) == 1:  # one part: the sampled product is the block
-        part, absolute, _ = overlaps[0]
-        found = masked_product(kept, _samples(g, part.kept, absolute).T, _samples(source, part.kept, cols))
-        return found if part.scale == 1.0 else found.mul_(part.scale)
-    grad = g.new_empty(shape)
-    for part, absolute, local in overlaps:
-        left, right = _samples(g, part.kept, absolute).T, _samples(source, part.kept, cols)
-        if kept is None:
+@dataclass(frozen=True)
+class WeightGrad:
+    """The gradient reaching S over one block of dW, g^T x from the samples of each drop-path part that
+    overlaps the block (scaled by it), computed when asked: every entry (``dense()``), only the kept ones
+    of a mask (``dense(kept)``, zeros elsewhere; dense for a half-precision g, as autocast may give) or
+    of ``Entries`` (``at``, their values, in float32 or float64). The sampled forms (``snell.sampled``)
+    cost in proportion to the kept entries."""
+
+    g: Tensor
+    source: Tensor
+    overlaps: list
+    shape: tuple[int, int]
+    cols: slice
+    dtype: torch.dtype
+    """The factors' dtype: what every form returns."""
+
+    def dense(self, kept: Tensor | None = None) -> Tensor:
+        if kept is not None and self.g.dtype in (torch.float32, torch.float64):
+            return self.g.new_zeros(self.shape, dtype=self.dtype).masked_scatter_(
+                kept, self.at(Entries.from_mask(kept))
+            )
+        grad = self.g.new_empty(self.shape)
+        for part, absolute, local in self.overlaps:
+            left, right = _samples(self.g, part.kept, absolute).T, _samples(self.source, part.kept, self.cols)
             torch.mm(left, right, out=grad[local])
-        else:
-            grad[local] = masked_product(kept[local], left, right)
-        if part.scale != 1.0:
-            grad[local].mul_(part.scale)
-    return grad
+            if part.scale != 1.0:
+                grad[local].mul_(part.scale)
+        return grad.to(self.dtype)
+
+    def at(self, entries: Entries) -> Tensor:
+        values = []
+        for part, absolute, local in self.overlaps:
+            found = entries.product(*self._operands(part, absolute), local)
+            values.append(found if part.scale == 1.0 else found.mul_(part.scale))
+        return (values[0] if len(values) == 1 else torch.cat(values)).to(self.dtype)
+
+    def _operands(self, part: Part, rows: slice) -> tuple[Tensor, Tensor]:
+        """g^T and x of a part, laid out as the sampled product's dot products read them (tokens
+        contiguous in both: g^T contiguous, x the transpose of a contiguous x^T). A slice is first made
+        contiguous: torch transposes a whole contiguous matrix in cache blocks, a slice 3-4x slower."""
+        dtype = torch.promote_types(self.g.dtype, torch.float32)
+        left = _samples(self.g, part.kept, rows).to(dtype).contiguous().T.contiguous()
+        right = _samples(self.source, part.kept, self.cols).to(dtype).contiguous().T.contiguous().T
+        return left, right
 
 
 def _accumulate(target: Tensor, samples: Tensor | None, cols: slice, g: Tensor, weight: Tensor) -> None:
@@ -421,12 +454,12 @@ class SnellLinear(AdaptedLinear):
             return False
         return is_fake(like) or fused.available(like.device)
 
-    def blocks(self, b: Tensor) -> list[tuple[slice, slice, slice]]:
-        """The blocks of dW this layer computes at a time (``weight_blocks``), for factors like ``b``."""
-        fused = self.fused(b)
+    def blocks(self, b: Tensor, gathered: bool = False) -> list[tuple[slice, slice, slice]]:
+        """The blocks of dW this layer computes at a time (``weight_blocks``), for factors like ``b``;
+        one where backward works on the kept entries alone (``gathered``) or runs the fused ops."""
         return weight_blocks(
             b.shape[0], self.in_features, self.groups, b.device,
-            fused=fused, whole_columns=self.kernel.whole_columns,
+            whole=gathered or self.fused(b), whole_columns=self.kernel.whole_columns,
         )  # fmt: skip
 
     def _fused_args(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -454,20 +487,22 @@ class SnellLinear(AdaptedLinear):
 
     @torch.no_grad()
     def sparse_update(
-        self, a: Tensor, b: Tensor, kernel_params, add: Tensor | None = None
-    ) -> tuple[Tensor | None, Tensor]:
-        """The thresholds t and S(dW) (+ ``add``, the frozen weight of the one-matmul form), a fresh
-        out x in tensor: the forward pass's update."""
+        self, a: Tensor, b: Tensor, kernel_params, add: Tensor | None = None, *, record_kept: bool = False
+    ) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """The thresholds t, S(dW) (+ ``add``, the frozen weight of the one-matmul form), a fresh out x in
+        tensor: the forward pass's update; and with ``record_kept`` (for a backward that works on them,
+        ``gathers``), the kept entries' sorted flat indices (int32; a tenth of dW's at s = 0.9), else None."""
         a, b = a.detach(), b.detach()  # views of a parameter made under no_grad would still require grad
         if self.fused(b):
             try:
-                return self._fused_sparse_update(a, b, add)
+                return *self._fused_sparse_update(a, b, add), None
             except fused.Fallback:  # the fused ops are off from now on (one warning): torch computes it
                 pass
         dw = self.blockwise_update(a, b, kernel_params)
         t = threshold(dw, self.sparsity, self.groups, device_type=device_type_of(b.device))
+        index = kept_mask(dw, t).view(-1).nonzero().squeeze(1).int() if record_kept else None
         update = apply_rule(dw, t, self.rule, inplace=True)
-        return t, update if add is None else update.add_(add)
+        return t, update if add is None else update.add_(add), index
 
     def update_vjp(
         self,
@@ -475,17 +510,20 @@ class SnellLinear(AdaptedLinear):
         b: Tensor,
         kernel_params,
         t: Tensor | None,
-        grad: Callable[[Tensor | None], Tensor],
+        grad: WeightGrad,
         wants: tuple[bool, ...],
         *,
         add: Tensor | None = None,
+        entries: Entries | None = None,
     ) -> tuple[Tensor, list[Tensor | None]]:
         """S(dW) of one block (+ ``add``; a fresh tensor) and the gradients of a, b and the kernel's
-        parameters that ``wants`` asks for, given the gradient reaching S, ``grad(kept)``: asked for only
-        where a gradient is wanted, with the kept entries' mask where only those are needed
-        (``samples_gradient``; entries off it may be zero), else None (every entry). From the fused ops
-        on the CUDA path, in closed form where the kernel has one (no autograd graph, a few block-sized
-        temporaries), else by autograd through ``kernel_update``."""
+        parameters that ``wants`` asks for, given the gradient reaching S (computed only where a gradient
+        is wanted, and only at the kept entries where those suffice: ``samples_gradient``). From the
+        kept ``entries`` alone where forward recorded them (``gathers``: nothing of the block's size but
+        S), from the fused ops on the CUDA path, in closed form where the kernel has one (no autograd
+        graph, a few block-sized temporaries), else by autograd through ``kernel_update``."""
+        if entries is not None:
+            return self._gathered_update_vjp(a, b, t, grad, entries, wants, add)
         if self.fused(b):
             try:
                 return self._fused_update_vjp(a, b, t, grad, wants, add)
@@ -499,7 +537,7 @@ class SnellLinear(AdaptedLinear):
         a: Tensor,
         b: Tensor,
         t: Tensor | None,
-        grad: Callable[[Tensor | None], Tensor],
+        grad: WeightGrad,
         wants: tuple[bool, ...],
         add: Tensor | None,
     ) -> tuple[Tensor, list[Tensor | None]]:
@@ -507,18 +545,53 @@ class SnellLinear(AdaptedLinear):
         found = [None, None]
         if any(wants):
             rule = fused.RULE_IDS[self.rule]
-            args = (*self._fused_args(a, b), t, grad(None), rule)
+            args = (*self._fused_args(a, b), t, grad.dense(), rule)
             found = list(fused.guarded("vjp_kernel", fused.vjp, *args))
         update = self._fused_update(a, b, t, add)
         return update, [grad if want else None for grad, want in zip(found, wants[:2], strict=True)]
 
-    def samples_gradient(self, t: Tensor | None, like: Tensor) -> bool:
-        """Whether backward needs the gradient reaching S only at the kept entries (``masked_product``): on
-        the CPU path, where every group drops at least ``SAMPLED_MIN_SPARSITY``."""
-        if t is None or is_fake(like):
+    def samples_gradient(self, like: Tensor) -> bool:
+        """Whether backward needs the gradient reaching S only at the kept entries (``WeightGrad``): on
+        the CPU path, where every group drops at least ``SAMPLED_MIN_SPARSITY`` (so there is a threshold)."""
+        if is_fake(like):
             return False
         ratios = self.sparsity if isinstance(self.sparsity, tuple | list) else (self.sparsity,)
         return device_type_of(like.device) == "cpu" and min(ratios) >= SAMPLED_MIN_SPARSITY
+
+    def gathers(self, like: Tensor) -> bool:
+        """Whether backward can work on the kept entries alone (``_gathered_update_vjp``), from their
+        indices recorded by forward: where it samples the gradient and the kernel evaluates on gathered
+        pairs of rows (``Kernel.pairs``; fixed parameters). Forward records them for float32/64 inputs
+        outside autocast (under it, the dense backward serves; so it does for a memory estimate's fake
+        tensors, which do not model the kept entries' indices: a CPU estimate of SNELL is a little off)."""
+        return self.samples_gradient(like) and not self._kernel_names and self.kernel.has_pairs
+
+    def _gathered_update_vjp(
+        self, a: Tensor, b: Tensor, t: Tensor, grad: WeightGrad, entries: Entries, wants, add: Tensor | None
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """``update_vjp`` at the kept entries: the kernel on their gathered rows of a and b, the rule, the
+        sampled gradient, and the factor gradients summed back by row (``index_add_``)."""
+        rank = a.shape[-1]
+        a_rows, b_rows = a.reshape(-1, rank), b.reshape(-1, rank)  # a block is (groups, rows, r)
+        a_index = entries.rows.div(b.shape[-2], rounding_mode="floor") * a.shape[-2] + entries.cols
+        dw, vjp = self.kernel.pairs(a_rows[a_index], b_rows[entries.rows])
+        group = entries.rows.div(entries.shape[0] // t.numel(), rounding_mode="floor")
+        values, factor = rule_at(dw, t[group], self.rule)
+        if add is None:
+            update = a.new_zeros(entries.shape)
+        else:
+            update = add.to(a.dtype, memory_format=torch.contiguous_format, copy=True)
+        update.view(-1).index_add_(0, entries.flat(), values)
+        if not any(wants):
+            return update, []
+        grad_a, grad_b = vjp(grad.at(entries).mul_(factor))
+        found = [
+            a_rows.new_zeros(a_rows.shape).index_add_(0, a_index, grad_a).view(a.shape) if wants[0] else None,
+            b_rows.new_zeros(b_rows.shape).index_add_(0, entries.rows, grad_b).view(b.shape)
+            if wants[1]
+            else None,
+        ]
+        return update, found
 
     def _update_vjp(self, a, b, kernel_params, t, grad, wants) -> tuple[Tensor, list[Tensor | None]]:
         if not any(wants):
@@ -530,7 +603,7 @@ class SnellLinear(AdaptedLinear):
             with torch.no_grad():
                 dw, vjp = closed
                 block = dw.reshape(-1, a.shape[-2])
-                reaching = grad(kept_mask(block, t) if self.samples_gradient(t, block) else None)
+                reaching = grad.dense(kept_mask(block, t) if self.samples_gradient(block) else None)
                 found = vjp(rule_vjp(dw, t, self.rule, reaching).view(dw.shape))
                 update = apply_rule(dw.reshape(-1, a.shape[-2]), t, self.rule, inplace=True)
             grads = [*found[:2], *found[2]]
@@ -539,7 +612,7 @@ class SnellLinear(AdaptedLinear):
         with torch.enable_grad():
             update = apply_rule(self.kernel_update(leaves[0], leaves[1], leaves[2:]), t, self.rule)
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
-        found = iter(torch.autograd.grad(update, wanted, grad(None)))
+        found = iter(torch.autograd.grad(update, wanted, grad.dense()))
         return update.detach(), [next(found) if leaf.requires_grad else None for leaf in leaves]
 
     @torch.no_grad()

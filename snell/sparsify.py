@@ -142,6 +142,18 @@ def kept_mask(dw: Tensor, t: Tensor) -> Tensor:
     return (dw.reshape(groups, -1).abs() > t.reshape(groups, 1)).reshape(dw.shape)
 
 
+def rule_at(dw: Tensor, t: Tensor, rule: str) -> tuple[Tensor, Tensor]:
+    """S and dS/ddW at kept entries (``dw`` their values, ``t`` their groups' thresholds): what
+    ``apply_rule`` and ``rule_vjp`` give there, without the full matrix."""
+    magnitude = dw.abs()
+    if rule == "public":
+        return dw * magnitude, magnitude
+    if rule == "eq5":
+        excess = magnitude - t
+        return dw * excess, excess + magnitude
+    return dw.clone(), torch.ones_like(dw)
+
+
 def rule_vjp(dw: Tensor, t: Tensor | None, rule: str, grad: Tensor) -> Tensor:
     """The gradient reaching dW from ``grad``, the gradient of ``apply_rule(dw, t, rule)``: what autograd
     computes through it, in closed form (t is a constant, as in the public code)."""

@@ -1,5 +1,6 @@
-"""The sampled weight gradient of SNELL's CPU backward (``snell.sampled``): g^T x at the kept entries only
-equals the dense product there, and a layer's gradients equal those of the dense backward."""
+"""SNELL's CPU backward on the kept entries (``snell.sampled``, ``SnellLinear.gathers``): the sampled
+product g^T x equals the dense product at the kept entries, and a layer's outputs and gradients equal
+those of the dense backward (the whole dW recomputed, the dense weight gradient) in every layout."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ import torch
 from torch import nn
 
 import snell.layer as layer_module
+import snell.sampled as sampled_module
 from bench.run.measure import tracked_step_memory
 from snell.kernels import build_kernel
 from snell.layer import SnellLinear
-from snell.sampled import masked_product
+from snell.sampled import Entries, masked_product
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_masked_product_is_the_dense_product_at_the_kept_entries_and_zero_elsewhere(dtype):
     generator = torch.Generator().manual_seed(0)
-    left = torch.randn(50, 37, generator=generator, dtype=dtype).T  # a transposed view, as backward passes
+    left = torch.randn(50, 37, generator=generator, dtype=dtype).T  # a transposed view, as backward has
     right = torch.randn(50, 23, generator=generator, dtype=dtype)[:, 2:21]  # a column slice
     kept = torch.rand(37, 19, generator=generator) > 0.8
     kept[3] = False  # an empty row
@@ -29,51 +31,80 @@ def test_masked_product_is_the_dense_product_at_the_kept_entries_and_zero_elsewh
     assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < tolerance
 
 
-def _layer(sparsity: float, groups: int, drop_path: float) -> SnellLinear:
+def test_entries_of_a_block_are_those_of_the_whole_matrix_inside_it():
+    kept = torch.rand(12, 10, generator=torch.Generator().manual_seed(1)) > 0.6
+    index = kept.view(-1).nonzero().squeeze(1).int()
+    block = Entries.from_index(index, 10, (4, 9), (3, 7))
+    expected = Entries.from_mask(kept[4:9, 3:7])
+    for got, wanted in zip(
+        (block.rows, block.cols, block.crow), (expected.rows, expected.cols, expected.crow), strict=True
+    ):
+        assert torch.equal(got, wanted)
+
+
+def _layer(sparsity: float, groups: int, rule: str, shared_a: bool, drop_path: float, dropout: float):
     torch.manual_seed(0)
     made = SnellLinear(
-        nn.Linear(96, 48 * groups), 8, build_kernel("piecewise_linear", 8), sparsity, groups=groups,
-        drop_path=drop_path,
+        nn.Linear(96, 48 * groups), 8, build_kernel("piecewise_linear", 8), sparsity, rule=rule,
+        groups=groups, shared_a=shared_a, drop_path=drop_path, dropout=dropout,
     )  # fmt: skip
     with torch.no_grad():
         made.lora_A.normal_(0, 0.3), made.lora_B.normal_(0, 0.3)
     return made.train()
 
 
-def _gradients(made: SnellLinear, x: torch.Tensor, sampled: bool, monkeypatch) -> list[torch.Tensor]:
-    monkeypatch.setattr(layer_module, "SAMPLED_MIN_SPARSITY", 0.75 if sampled else 2.0)
+def _run(made: SnellLinear, x: torch.Tensor, on_kept: bool, monkeypatch) -> list[torch.Tensor]:
+    """Outputs and gradients of one step; ``on_kept``: backward on the kept entries, else dense."""
+    monkeypatch.setattr(layer_module, "SAMPLED_MIN_SPARSITY", 0.75 if on_kept else 2.0)
     calls = []
-    monkeypatch.setattr(
-        layer_module, "masked_product", lambda *args: calls.append(1) or masked_product(*args)
-    )
+    real = sampled_module.sampled_mm
+    monkeypatch.setattr(sampled_module, "sampled_mm", lambda *args: calls.append(1) or real(*args))
     x = x.clone().requires_grad_()
-    torch.manual_seed(1)  # the same drop-path draws in both runs
+    torch.manual_seed(1)  # the same dropout and drop-path draws in both runs
     y = made(x)
     y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
-    grads = [y.detach(), x.grad, made.lora_A.grad, made.lora_B.grad]
+    found = [y.detach(), x.grad, made.lora_A.grad, made.lora_B.grad]
     made.zero_grad(set_to_none=True)
-    assert bool(calls) == sampled
-    return grads
+    assert bool(calls) == on_kept
+    return found
 
 
-@pytest.mark.parametrize(("sparsity", "groups", "drop_path"), [(0.9, 1, 0.0), (0.9, 3, 0.0), (0.8, 3, 0.3)])
-def test_sampled_backward_equals_the_dense_backward(sparsity, groups, drop_path, monkeypatch):
-    made = _layer(sparsity, groups, drop_path)
-    assert made.samples_gradient(torch.ones(groups), made.lora_B)
+LAYOUTS = [
+    # sparsity, groups, rule, shared A, drop-path, dropout, CPU block entries (small: several blocks)
+    (0.9, 1, "public", False, 0.0, 0.0, 2**19),
+    (0.9, 3, "public", False, 0.0, 0.0, 2**19),
+    (0.9, 3, "eq5", True, 0.0, 0.0, 2**19),
+    (0.8, 3, "hard", False, 0.3, 0.0, 2**19),
+    (0.9, 3, "public", False, 0.3, 0.1, 2**19),
+    (0.9, 3, "public", False, 0.0, 0.0, 1000),  # row blocks inside each group
+    (0.9, 1, "eq5", False, 0.3, 0.0, 1500),
+]
+
+
+@pytest.mark.parametrize(("sparsity", "groups", "rule", "shared_a", "drop_path", "dropout", "block"), LAYOUTS)
+def test_backward_on_the_kept_entries_equals_the_dense_backward(
+    sparsity, groups, rule, shared_a, drop_path, dropout, block, monkeypatch
+):
+    monkeypatch.setitem(layer_module.BLOCK_ENTRIES, "cpu", block)
+    made = _layer(sparsity, groups, rule, shared_a, drop_path, dropout)
+    assert made.gathers(made.lora_B)
     x = torch.randn(4, 7, 96, generator=torch.Generator().manual_seed(2))
-    dense = _gradients(made, x, sampled=False, monkeypatch=monkeypatch)
-    sampled = _gradients(made, x, sampled=True, monkeypatch=monkeypatch)
-    for got, expected in zip(sampled, dense, strict=True):
+    dense = _run(made, x, on_kept=False, monkeypatch=monkeypatch)
+    on_kept = _run(made, x, on_kept=True, monkeypatch=monkeypatch)
+    for got, expected in zip(on_kept, dense, strict=True):
         assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 
-def test_the_dense_backward_serves_low_sparsity():
-    made = _layer(0.5, 1, 0.0)
-    assert not made.samples_gradient(torch.ones(1), made.lora_B)
+def test_low_sparsity_and_learnable_kernels_keep_the_dense_backward():
+    low = _layer(0.5, 1, "public", False, 0.0, 0.0)
+    assert not low.samples_gradient(low.lora_B)
+    learnable = SnellLinear(nn.Linear(16, 8), 8, build_kernel("piecewise_linear", 8, learnable=True), 0.9)
+    assert learnable.samples_gradient(learnable.lora_B)
+    assert not learnable.gathers(learnable.lora_B)
 
 
-def test_the_step_memory_tracker_runs_through_the_sampled_backward():
-    made = _layer(0.9, 3, 0.0)
+def test_the_step_memory_tracker_runs_through_the_backward_on_kept_entries():
+    made = _layer(0.9, 3, "public", False, 0.0, 0.0)
     optimizer = torch.optim.AdamW([made.lora_A, made.lora_B])
     x = torch.randn(4, 7, 96)
     found = tracked_step_memory(made, optimizer, lambda: made(x).sum().backward())
