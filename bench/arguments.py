@@ -272,6 +272,28 @@ def _gpu_check(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _gpu_smoke(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--results", type=Path, default=Path("results/gpu"), help="output folder (record + markdown)"
+    )
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    p.add_argument("--commit", help="the git commit checked (a device machine's copy has no git metadata)")
+    p.add_argument(
+        "--device",
+        default="cuda",
+        help="cuda, or cpu: the CUDA code path on a one-block ViT, the fused ops in Triton's interpreter "
+        "(TRITON_INTERPRET=1)",
+    )
+
+
+def _fused_compile(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--results", type=Path, default=Path("results/gpu"), help="output folder (record + markdown)"
+    )
+    p.add_argument("--workers", type=workers, default=2, help="compiling processes (1: in this process)")
+    p.add_argument("--commit", help="the git commit compiled (default: this checkout's)")
+
+
 def _notebooks(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", help=f"which notebooks (name or prefix); default: all of {NOTEBOOKS}")
     p.add_argument("--in-place", action="store_true", help="store outputs in the notebooks themselves")
@@ -346,6 +368,16 @@ COMMANDS = {
         "bench.perf.gpu_check",
         "real CUDA peak memory and step time of full / LoRA / SNELL on ViT-B/16",
         _gpu_check,
+    ),
+    "gpu-smoke": Command(
+        "bench.perf.gpu_smoke",
+        "fused ops against a reference and one LoRA-8 / SNELL-8 step on ViT-B/16: run before gpu-check",
+        _gpu_smoke,
+    ),
+    "fused-compile": Command(
+        "bench.perf.fused_compile",
+        "compile every fused Triton kernel for sm_80 and sm_90, no GPU needed: registers, spills, shared",
+        _fused_compile,
     ),
     "notebooks": Command("bench.notebooks", "execute the ablation notebooks", _notebooks),
 }

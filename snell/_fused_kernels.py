@@ -1,6 +1,9 @@
 """Triton kernels of ``snell.fused`` (imported only when they run: Triton is optional).
 
 Distances use ``tl.sqrt_rn`` (correctly rounded, as torch's sqrt; ``tl.sqrt`` is approximate on GPUs).
+The loops over a piece's r / P columns are loops of the compiled code (``range``), not unrolled by Triton
+(``tl.static_range``): the same operations in the same order, and the vjp kernel at r = 32 compiles in
+about 1 s instead of 20 (``bench/perf/fused_compile.py`` compiles every launch in the tests).
 
 Every kernel computes dW of its tile from the factors with ``_dw_tile`` (one shared function, so |dW|
 for the threshold, the merged weight and the gradient agree to the bit); none reads or writes a dW.
@@ -16,7 +19,7 @@ import triton.language as tl
 def _pieces_sq(a_ptr, b_ptr, offs_j, offs_i, mask_j, mask_i, p, R: tl.constexpr, WIDTH: tl.constexpr):
     """sum_k (a[i, k] - b[j, k])^2 over the k of piece p: (BJ, BI)."""
     sq = tl.zeros((offs_j.shape[0], offs_i.shape[0]), dtype=tl.float32)
-    for k in tl.static_range(WIDTH):
+    for k in range(WIDTH):
         col = p * WIDTH + k
         av = tl.load(a_ptr + offs_i * R + col, mask=mask_i, other=0.0)
         bv = tl.load(b_ptr + offs_j * R + col, mask=mask_j, other=0.0)
@@ -109,7 +112,7 @@ def vjp_kernel(
     for p in tl.static_range(P):
         dist = tl.sqrt_rn(_pieces_sq(a_f, b_ptr, offs_j, offs_i, mask_j, mask_i, p, R, WIDTH))
         h = tl.where(dist > 0, tl.load(coef_ptr + p) * grad / dist, 0.0)
-        for k in tl.static_range(WIDTH):
+        for k in range(WIDTH):
             col = p * WIDTH + k
             av = tl.load(a_f + offs_i * R + col, mask=mask_i, other=0.0)
             bv = tl.load(b_ptr + offs_j * R + col, mask=mask_j, other=0.0)

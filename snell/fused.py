@@ -93,6 +93,19 @@ def guarded(
 
 NUM_WARPS = 8
 """Warps per tile program: with 4, the vjp kernel's tile spills registers at r = 8 (ptxas, sm_90)."""
+VJP_REGISTERS = {64: 128, 32: 80}
+"""Registers per thread the vjp kernel may use (ptxas ``.maxnreg``) by rows per tile, 64 for smaller tiles:
+the most that keep 2, 3 and 4 programs of ``NUM_WARPS`` warps in an SM's 64K registers. Left to choose,
+ptxas 12.9 holds the 32-row tile (r = 16, 2 pieces) to 64 and spills on sm_90;
+``bench/perf/fused_compile.py`` compiles every launch and checks for spills."""
+
+
+def launch_options(kernel: str, tile: int) -> dict[str, int]:
+    """Triton's compile options of a launch of ``kernel`` (``update_kernel`` or ``vjp_kernel``) with
+    ``tile`` rows per tile: what the ops launch and what ``bench.perf.fused_compile`` compiles."""
+    if kernel == "vjp_kernel":
+        return {"num_warps": NUM_WARPS, "maxnreg": VJP_REGISTERS.get(tile, 64)}
+    return {"num_warps": NUM_WARPS}
 
 
 def _row_tile(out_features: int, units: int, rank: int) -> int:
@@ -136,7 +149,7 @@ def update(
         out if weight is None else weight.contiguous(), out,
         b.shape[0], a.shape[1], rows_per_factor, rows_per_group, float(scale),
         R=a.shape[2], P=coef.numel(), RULE=rule, HAS_T=t is not None, HAS_W=weight is not None,
-        MAGNITUDE=magnitude, BJ=tile, BI=BI, num_warps=NUM_WARPS,
+        MAGNITUDE=magnitude, BJ=tile, BI=BI, **launch_options("update_kernel", tile),
     )  # fmt: skip
     return out
 
@@ -160,7 +173,8 @@ def vjp(
     vjp_kernel[(grid_j, grid_i)](
         a, b, coef, coef if t is None else t.contiguous().float(), grad.contiguous().float(), part_a, part_b,
         b.shape[0], a.shape[1], rows_per_factor, rows_per_group, a.shape[0] * a.shape[1],
-        R=a.shape[2], P=coef.numel(), RULE=rule, HAS_T=t is not None, BJ=tile, BI=BI, num_warps=NUM_WARPS,
+        R=a.shape[2], P=coef.numel(), RULE=rule, HAS_T=t is not None, BJ=tile, BI=BI,
+        **launch_options("vjp_kernel", tile),
     )  # fmt: skip
     return part_a.sum(0).view(a.shape), part_b.sum(0)
 

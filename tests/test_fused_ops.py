@@ -1,7 +1,7 @@
-"""The fused ops of ``snell.fused`` against an independent torch implementation (the distances computed
-directly, the rules written out, gradients by autograd in float64): on CPU tensors in Triton's
-interpreter (in a subprocess: the interpreter is chosen when triton is imported), and on a GPU if there is
-one (the check to run on a lent device)."""
+"""The fused ops of ``snell.fused`` against an independent torch implementation
+(``bench.perf.fused_reference``: the distances computed directly, the rules written out, gradients by
+autograd in float64): on CPU tensors in Triton's interpreter (in a subprocess: the interpreter is chosen
+when triton is imported), and on a GPU if there is one (the check to run on a lent device)."""
 
 from __future__ import annotations
 
@@ -14,80 +14,22 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from bench.perf.fused_reference import TOLERANCE
 from snell import fused
 from tests.harness import REPO
 
 SCRIPT = r"""
 import itertools, json, sys
 import torch
-DEVICE = sys.argv[1]
-from snell import fused
-from snell.sparsify import threshold
-
-def reference_dw(a, b, coef):
-    F, n_in, r = a.shape
-    P = coef.numel()
-    rows = b.shape[0] // F
-    out = []
-    for f in range(F):
-        ap = a[f].view(n_in, P, r // P)
-        bp = b[f * rows:(f + 1) * rows].view(rows, P, r // P)
-        dist = ((ap[None] - bp[:, None]) ** 2).sum(-1).sqrt()
-        out.append((dist * coef.to(dist.dtype)).sum(-1))
-    return torch.cat(out)
-
-def reference_rule(dw, t, rule):
-    if t is None:
-        return dw
-    G = t.numel()
-    grouped = dw.view(G, -1)
-    magnitude = grouped.abs()
-    kept = magnitude > t.view(G, 1)
-    if rule == 0:
-        out = grouped * magnitude.detach() * kept
-    elif rule == 1:
-        out = grouped * torch.relu(magnitude - t.view(G, 1))
-    else:
-        out = grouped * kept
-    return out.view(dw.shape)
-
-def rel(x, y):
-    return ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
+from bench.perf.fused_reference import Case, compare
 
 results = []
 generator = torch.Generator().manual_seed(0)
 for F, G, r, P, rule, sparse, with_weight in itertools.product((1, 3), (1, 3), (4, 8), (1, 2), (0, 1, 2),
                                                                   (False, True), (False, True)):
-    if F == 3 and G == 1 or (r, P) == (4, 1) and rule:
-        continue  # F = 3 comes with G = 3 (q, k, v); fewer combinations keep the interpreter quick
-    n_in, out = 20, 24
-    a = torch.randn(F, n_in, r, generator=generator) * 0.5
-    b = torch.randn(out, r, generator=generator) * 0.5
-    coef = torch.tensor([0.1 * (-1) ** p for p in range(P)])
-    dw = reference_dw(a.double(), b.double(), coef).float()
-    on = lambda tensor: None if tensor is None else tensor.to(DEVICE)
-    magnitude = fused.update(on(a), on(b), on(coef), None, None, 1.0, rule, True)
-    t = threshold(magnitude.clone(), 0.5, G, magnitude=True) if sparse else None
-    magnitude, t = magnitude.cpu(), None if t is None else t.cpu()
-    t_reference = torch.quantile(magnitude.view(G, -1), 0.5, dim=1) if sparse else None
-    weight = torch.randn(out, n_in, generator=generator) if with_weight else None
-    merged = fused.update(on(a), on(b), on(coef), on(t), on(weight), 1.5, rule, False).cpu()
-    expected = 1.5 * reference_rule(dw.double(), t if t is None else t.double(), rule)
-    expected = expected + (0 if weight is None else weight.double())
-    grad = torch.randn(out, n_in, generator=generator)
-    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
-    s64 = reference_rule(reference_dw(a64, b64, coef.double()), None if t is None else t.double(), rule)
-    grad_a, grad_b = torch.autograd.grad(s64, [a64, b64], grad.double())
-    got_a, got_b = (g.cpu() for g in fused.vjp(on(a), on(b), on(coef), on(t), on(grad), rule))
-    again_a, again_b = (g.cpu() for g in fused.vjp(on(a), on(b), on(coef), on(t), on(grad), rule))
-    results.append({
-        "case": f"F={F} G={G} r={r} P={P} rule={rule} t={sparse} weight={with_weight}",
-        "magnitude": rel(magnitude.double(), dw.abs().double()),
-        "threshold_equal": t is None or torch.equal(t, t_reference),
-        "merged": rel(merged.double(), expected),
-        "grad_a": rel(got_a.double(), grad_a), "grad_b": rel(got_b.double(), grad_b),
-        "deterministic": torch.equal(got_a, again_a) and torch.equal(got_b, again_b),
-    })
+    if F == 3 and G == 1 or (r, P) == (4, 1) and rule or not sparse and rule:
+        continue  # F = 3 comes with G = 3 (q, k, v); no threshold, no rule; fewer keep the interpreter quick
+    results.append(compare(Case(F, G, r, P, rule, sparse, with_weight), sys.argv[1], generator))
 json.dump(results, sys.stdout)
 """
 
@@ -108,12 +50,12 @@ def results(request) -> list[dict]:
 def test_fused_ops_match_an_independent_implementation(results):
     assert len(results) >= 40
     for r in results:
-        assert max(r["magnitude"], r["merged"], r["grad_a"], r["grad_b"]) <= 1e-5, r
-        assert r["deterministic"], r
+        assert max(r["magnitude"], r["merged"], r["grad_a"], r["grad_b"]) <= TOLERANCE, r
+        assert r["rerun_difference"] == 0, r  # deterministic: reruns agree to the bit
 
 
 def test_threshold_on_the_fused_magnitude_is_quantiles_to_the_bit(results):
-    assert all(r["threshold_equal"] for r in results)
+    assert all(r["threshold_difference"] == 0 for r in results)
 
 
 def test_fake_tensors_give_shapes_without_triton():

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import pandas as pd
 import pytest
 
 from bench.perf import gpu_check, step_bench
 from bench.report.build import main as report_command
-from bench.report.measurements import render_folder
+from bench.report.measurements import perf_ratios, render_folder
 from bench.run.config import EMBEDDED_BACKBONE
 from tests.harness import REPO
 
@@ -61,6 +62,11 @@ def test_step_benchmark_compares_like_for_like_and_with_the_floor(tmp_path):
     )
     text = (tmp_path / "perf_step.md").read_text()
     assert "| time snell-8 / lora-8 " in text and "branch paper" in text
+    assert "| time snell-8 / full " in text and "| time snell-8 / matmul floor " in text
+    ratios = perf_ratios(pd.DataFrame(rows))
+    full = ratios.loc[(slice(None), slice(None), "full"), "time / full"]
+    assert len(full) == 1 and full.iloc[0] == 1.0  # the one full row serves both branches
+    assert ratios["time / full"].notna().all()
     assert "time / lora-32" in text and "llama_tiny, 8 tokens, 1 thread " in text
 
 

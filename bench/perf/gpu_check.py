@@ -21,6 +21,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import timm
@@ -65,29 +66,35 @@ LLAMA_VARIANTS = (
 class Setup:
     variant: Variant
     model: nn.Module
-    step: Callable[[], None]
+    step: Callable[[], torch.Tensor]
+    """One training step; its loss."""
 
 
 def stepper(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, precision: str, device: str, **kwargs
-) -> Callable[[], None]:
-    """One training step of ``model`` (AdamW over its trainable parameters), synchronised on CUDA."""
+) -> Callable[[], torch.Tensor]:
+    """One training step of ``model`` (AdamW over its trainable parameters), synchronised on CUDA; it
+    returns the loss."""
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4
     )
 
-    def run() -> None:
-        step.train_step(model, optimizer, inputs, labels, precision=precision, **kwargs)
+    def run() -> torch.Tensor:
+        loss = step.train_step(model, optimizer, inputs, labels, precision=precision, **kwargs)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+        return loss
 
     return run
 
 
-def build(variant: Variant, batch: int, precision: str, *, model_name: str, device: str) -> Setup:
-    """``variant`` on a fresh backbone (random weights, same seed), with its optimizer and a batch."""
+def build(
+    variant: Variant, batch: int, precision: str, *, model_name: str, device: str, **backbone: Any
+) -> Setup:
+    """``variant`` on a fresh backbone (random weights, same seed; ``backbone``: timm options of its
+    shape), with its optimizer and a batch."""
     torch.manual_seed(0)
-    model = apply_variant(create_backbone(model_name, 100, pretrained=False), variant)
+    model = apply_variant(create_backbone(model_name, 100, pretrained=False, **backbone), variant)
     model.to(device).train()
     input_size = timm.data.resolve_model_data_config(model)["input_size"]
     images = torch.randn(batch, *input_size, device=device)
@@ -189,10 +196,15 @@ def main(argv: list[str] | None = None) -> None:
     run(parse("gpu-check", argv))
 
 
+def require_device(command: str, device: str) -> None:
+    """Exit with a hint when ``device`` is CUDA and there is none; print the device's name."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"bench {command} needs a CUDA device (or --device cpu, for a try on a small model)")
+    print(device_name(torch.device(device)))
+
+
 def run(args: argparse.Namespace) -> None:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("bench gpu-check needs a CUDA device (or --device cpu, for a try on a small model)")
-    print(device_name(torch.device(args.device)))
+    require_device("gpu-check", args.device)
     groups = [(batch, precision) for batch in args.batch_sizes for precision in args.precisions]
     rows = []
     for batch, precision in tqdm(groups, desc="gpu check"):

@@ -5,7 +5,8 @@ LLaMA decoder layers at LLaMA-2-7B width (4096 x 11008 matrices, short sequences
 One process, a timm ViT (embed 384, depth 6, 6 heads, patch 8), qkv/proj/fc1/fc2 adapted in every block,
 rank 8, s = 0.9, AdamW, in each setting (batch, image size, threads: tokens per step). Each SNELL row is
 compared with the LoRA-8 row of the same branch regularisation: both off (SNELL's merged one-matmul
-layer), or as in the paper (dropout 0.1 on the branch input for both; drop-path 0.1 for SNELL). Every
+layer), or as in the paper (dropout 0.1 on the branch input for both; drop-path 0.1 for SNELL); and with
+full fine-tuning (every weight trained, the dense weight gradients and AdamW on all of them). Every
 variant is warmed up, then the variants take turns step by step, so that the machine's drift hits all of
 them alike; times are medians. Peak memory is the tensor-level peak of one real step (MemTracker,
 ``bench.run.measure``); ViT-B/16 rows come from the fake-tensor simulator (``bench.memory.estimate``).
@@ -49,6 +50,7 @@ PATCH_SIZE = 8
 
 
 VARIANTS = (
+    Variant("full", "full", "off"),
     Variant("lora-8", "lora-8 (no branch dropout)", "off"),
     Variant("snell-8", "snell-8 (no branch dropout)", "off"),
     Variant("reference-8", "snell-8 (no branch dropout)", "off", reference=True),

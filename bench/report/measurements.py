@@ -24,31 +24,49 @@ REPORT_NAMES = {
     "memory-sweep": "memory_vs_paper.md",
     "llm-memory": "llm_memory.md",
     "gpu-check": "gpu_check.md",
+    "gpu-smoke": "gpu_smoke.md",
+    "fused-compile": "fused_compile.md",
 }
 
 PERF_GOALS = (
-    ("time", "lora-8", "off", None, 1.08),
-    ("time", "lora-8", "paper", 2080, 1.50),
-    ("time", "lora-8", "paper", 4112, 1.30),
-    ("memory", "lora-8", None, None, 1.03),
-    ("time", "reference-8", None, None, 1.0),
+    (13, "time", "lora-8", "off", None, 1.08),
+    (13, "time", "lora-8", "paper", 2080, 1.50),
+    (13, "time", "lora-8", "paper", 4112, 1.30),
+    (13, "time", "reference-8", None, None, 1.0),
+    (23, "time", "full", "off", None, 1.0),
+    (23, "time", "matmul floor", "paper", None, 1.05),
+    (23, "memory", "lora-8", None, None, 1.03),
 )
-"""Issue #13's bounds on snell-8's ratios: (quantity, baseline, branch, tokens, bound); None = every."""
+"""Issues #13's and #23's bounds on snell-8's ratios: (issue, quantity, baseline, branch, tokens, bound);
+None = every."""
+PERF_RATIOS = {
+    "lora-8": ("time", "cpu time", "memory"),
+    "full": ("time", "memory"),
+    "matmul floor": ("time",),
+    "reference-8": ("time", "memory"),
+}
+"""The ratios of the step table: per baseline variant, the quantities divided by its row's. Full
+fine-tuning has no branch: its one row per setting serves both branches."""
+QUANTITIES = {"time": "step_s", "cpu time": "cpu_s", "memory": "peak_mib"}
 
 
-def markdown_table(frame: pd.DataFrame, index: bool = True) -> str:
-    return frame.to_markdown(index=index, floatfmt=".3f")
+def markdown_table(frame: pd.DataFrame, index: bool = True, floatfmt: str = ".3f") -> str:
+    return frame.to_markdown(index=index, floatfmt=floatfmt)
 
 
 def perf_ratios(steps: pd.DataFrame) -> pd.DataFrame:
-    """Each row's time, CPU time and peak over the LoRA-8 and reference-8 rows of its setting and branch."""
+    """Each row's quantities over those of the baseline rows (``PERF_RATIOS``) of its setting and branch
+    (of its setting only for a baseline measured in one branch, full fine-tuning)."""
     frame = steps.set_index(["setting", "branch", "variant"])
     out = frame[["steps", "step_s", "cpu_s", "peak_mib"]].astype({"steps": int})
-    for base in ("lora-8", "reference-8"):
+    for base, quantities in PERF_RATIOS.items():
         baseline = frame.xs(base, level="variant")
-        for column, label in (("step_s", "time"), ("cpu_s", "cpu time"), ("peak_mib", "memory")):
-            reference = baseline[column].reindex(out.index.droplevel("variant"))
-            out[f"{label} / {base}"] = out[column].to_numpy() / reference.to_numpy()
+        keys = out.index.droplevel("variant")
+        if baseline.index.get_level_values("branch").nunique() == 1:
+            baseline, keys = baseline.droplevel("branch"), keys.get_level_values("setting")
+        for label in quantities:
+            column = QUANTITIES[label]
+            out[f"{label} / {base}"] = out[column].to_numpy() / baseline[column].reindex(keys).to_numpy()
     return out
 
 
@@ -57,17 +75,18 @@ def perf_goals(ratios: pd.DataFrame, tokens: pd.Series, vit_b16: pd.DataFrame | 
     tokens per step by setting; ``vit_b16``: the ViT-B/16 peaks by (batch, branch) and variant."""
     snell_rows = ratios.xs("snell-8", level="variant")
     rows = []
-    for quantity, base, branch, at_tokens, bound in PERF_GOALS:
+    for issue, quantity, base, branch, at_tokens, bound in PERF_GOALS:
         for (setting, row_branch), row in snell_rows.iterrows():
             if branch not in (None, row_branch) or at_tokens not in (None, tokens[setting]):
                 continue
             ratio = row[f"{quantity} / {base}"]
-            rows.append((f"{quantity} snell-8 / {base}", f"{setting}, branch {row_branch}", ratio, bound))
+            goal = f"{quantity} snell-8 / {base}"
+            rows.append((f"#{issue}", goal, f"{setting}, branch {row_branch}", ratio, bound))
     if vit_b16 is not None:
         for (batch, branch), row in vit_b16.iterrows():
             where = f"ViT-B/16 estimate, batch {batch}, branch {branch}"
-            rows.append(("memory snell-8 / lora-8", where, row["snell-8"] / row["lora-8"], 1.03))
-    return verdicts(pd.DataFrame(rows, columns=["goal", "where", "measured", "bound"]))
+            rows.append(("#13", "memory snell-8 / lora-8", where, row["snell-8"] / row["lora-8"], 1.03))
+    return verdicts(pd.DataFrame(rows, columns=["issue", "goal", "where", "measured", "bound"]))
 
 
 def llama_ratios(llama: pd.DataFrame) -> pd.DataFrame:
@@ -173,11 +192,74 @@ def render_gpu_check(record: dict, tables: dict[str, pd.DataFrame], folder: Path
     }
 
 
+def render_gpu_smoke(record: dict, tables: dict[str, pd.DataFrame], folder: Path) -> dict[str, str]:
+    """The checks (errors to 3 significant digits: they are near 1e-7), a verdict and the steps."""
+    checks, settings = tables["checks"], record["settings"]
+    failed = int((~checks.passed.astype(bool)).sum())
+    verdict = (
+        f"**{failed} of {len(checks)} checks failed.**" if failed else f"All {len(checks)} checks passed."
+    )
+    options = ", ".join(f"{key}={value}" for key, value in settings["model_options"].items())
+    return {
+        "model": settings["model"] + (f" ({options})" if options else ""),
+        "batch_size": str(settings["batch_size"]),
+        "verdict": verdict,
+        "fused_failure": settings["fused_failure"] or "none",
+        "table_checks": markdown_table(checks, False, floatfmt=".3g"),
+        "table_steps": markdown_table(tables["steps"], False),
+    }
+
+
+def fused_compile_summary(kernels: pd.DataFrame) -> pd.DataFrame:
+    """Per target, kernel and rank: specialisations compiled (of all), their row tiles, the most
+    registers, the spill bytes (stores + loads, summed), the most shared memory and the target's limit."""
+    frame = kernels.assign(
+        ok=kernels.error.fillna("") == "", spill_bytes=kernels.spill_store_bytes + kernels.spill_load_bytes
+    )
+    summary = frame.groupby(["target", "kernel", "R"]).agg(
+        specialisations=("kernel", "size"),
+        compiled=("ok", "sum"),
+        BJ=("BJ", lambda tiles: ", ".join(map(str, sorted(set(tiles))))),
+        max_registers=("registers", "max"),
+        spill_bytes=("spill_bytes", "sum"),
+        max_shared_bytes=("shared_bytes", "max"),
+        shared_limit_bytes=("shared_limit_bytes", "first"),
+    )
+    return summary.astype({"max_registers": int, "spill_bytes": int, "max_shared_bytes": int}).reset_index()
+
+
+def render_fused_compile(record: dict, tables: dict[str, pd.DataFrame], folder: Path) -> dict[str, str]:
+    """A verdict, the summary per target and rank, and every specialisation."""
+    kernels, settings = tables["kernels"], record["settings"]
+    failed = kernels.error.fillna("") != ""
+    spilled = kernels.spill_store_bytes.fillna(0) + kernels.spill_load_bytes.fillna(0) > 0
+    over = kernels.shared_bytes > kernels.shared_limit_bytes
+    bad = int((failed | spilled | over).sum())
+    verdict = (
+        f"**{bad} of {len(kernels)} specialisations failed to compile, spill or exceed shared memory.**"
+        if bad
+        else f"All {len(kernels)} specialisations compile with 0 spill bytes and shared memory within limits."
+    )
+    kernels = kernels.assign(maxnreg=[("-" if pd.isna(n) else str(int(n))) for n in kernels.maxnreg])
+    return {
+        "triton": settings["triton"],
+        "ptxas": settings["ptxas"],
+        "workers": str(settings["workers"]),
+        "wall_s": f"{settings['wall_s']:.0f}",
+        "compile_s": f"{kernels.compile_s.sum():.0f}",
+        "verdict": verdict,
+        "table_summary": markdown_table(fused_compile_summary(tables["kernels"]), False),
+        "table_kernels": markdown_table(kernels, False, floatfmt=".2f"),
+    }
+
+
 RENDERERS: dict[str, Callable[[dict, dict[str, pd.DataFrame], Path], dict[str, str]]] = {
     "perf-step": render_perf_step,
     "memory-sweep": render_memory_sweep,
     "llm-memory": render_llm_memory,
     "gpu-check": render_gpu_check,
+    "gpu-smoke": render_gpu_smoke,
+    "fused-compile": render_fused_compile,
 }
 """Per kind: the template fields (derived tables) of a record; more files may be written beside."""
 
@@ -197,10 +279,11 @@ def render(record: dict, tables: dict[str, pd.DataFrame], folder: Path) -> str:
     return template.substitute(fields)
 
 
-def render_folder(folder: str | Path) -> list[Path]:
-    """Render the report of every measurement record in ``folder``; returns the written files."""
+def render_folder(folder: str | Path, kinds: tuple[str, ...] = KINDS) -> list[Path]:
+    """Render the report of every measurement record (of ``kinds``) in ``folder``; returns the written
+    files."""
     written = []
-    for kind in KINDS:
+    for kind in kinds:
         path = measurement_path(folder, kind)
         if path.is_file() and kind in RENDERERS:
             record, tables = read_measurement(path)

@@ -1,4 +1,5 @@
-"""Measurement records: what the perf benchmark, the memory sweep and the GPU check measured, as JSON.
+"""Measurement records: what the perf benchmark, the memory sweeps, the GPU check and the GPU smoke test
+measured, as JSON.
 
 One record per command run, ``<results>/<kind>.json``: the command line, its settings, the provenance
 (commit, versions, device, load) and the measured tables. Markdown reports are rendered from records
@@ -21,7 +22,7 @@ from bench.run.provenance import provenance
 from bench.run.records import RecordError, write_json
 
 MEASUREMENT_SCHEMA = 1
-KINDS = ("perf-step", "memory-sweep", "llm-memory", "gpu-check")
+KINDS = ("perf-step", "memory-sweep", "llm-memory", "gpu-check", "gpu-smoke", "fused-compile")
 
 
 def measurement_path(results: str | Path, kind: str) -> Path:
