@@ -57,6 +57,10 @@ SAMPLED_MIN_SPARSITY = 0.75
 this share of dW: at s = 0.9 on ViT widths with 2080 tokens the sampled product takes 0.3-0.6x the dense
 matmul's time (measured on the CPU benchmark's shapes); its cost grows with the kept share, the dense
 matmul's does not."""
+SAMPLED_MIN_TOKENS_PER_RANK = 64
+"""... and where a step has at least this many tokens per rank: the work on the kept entries (their gathered
+rows of A and B, r floats each) pays for itself through the tokens the sampled g^T x skips. Measured: 2080
+tokens at r = 8 (ViT) gain, 64 tokens at r = 32 (LLaMA-2-7B width: 53 s against the dense 24 s) lose."""
 
 _code_path: str | None = None
 
@@ -104,8 +108,7 @@ def weight_blocks(
 
     The longer side is split, so that blocks stay wide enough for efficient matmuls; column blocks span
     every row (``rows`` is ``slice(None)``: every group), row blocks stay inside one threshold group.
-    ``whole``: one block, the whole matrix (the fused ops, and backward on the kept entries, keep no
-    dW-sized temporaries to bound but the update itself).
+    ``whole``: one block, the whole matrix (the fused ops keep no block-sized temporaries).
     ``whole_columns``: column blocks only (the kernel couples the entries of a column).
     """
     everything = slice(None)
@@ -206,7 +209,7 @@ class KernelSparseLinearFn(torch.autograd.Function):
             full_precision = x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(
                 "cpu"
             )
-            gathered = full_precision and layer.gathers(b)
+            gathered = full_precision and layer.gathers(b, x.numel() // x.shape[-1])
             add = weight if one_matmul else None
             t, update, index = layer.sparse_update(a, b, kernel_params, add, record_kept=gathered)
             found = parts(layer, keep if merged else None, x.device)
@@ -240,7 +243,7 @@ class KernelSparseLinearFn(torch.autograd.Function):
         layer: SnellLinear = ctx.layer
         needs = ctx.needs_input_grad
         wants = needs[4:6] + needs[8:]  # a, b, then the kernel's parameters
-        blocks = layer.blocks(b, gathered=index is not None)
+        blocks = layer.blocks(b)
         single = len(blocks) == 1  # block gradients are the gradients: nothing to accumulate
         grads = [
             torch.zeros_like(p) if n and not single else None
@@ -335,6 +338,11 @@ class WeightGrad:
     cols: slice
     dtype: torch.dtype
     """The factors' dtype: what every form returns."""
+
+    @property
+    def tokens(self) -> int:
+        """Rows of the layer's input in this step (tokens), which the weight gradient sums over."""
+        return self.g.numel() // self.g.shape[-1]
 
     def dense(self, kept: Tensor | None = None) -> Tensor:
         if kept is not None and self.g.dtype in (torch.float32, torch.float64):
@@ -454,12 +462,13 @@ class SnellLinear(AdaptedLinear):
             return False
         return is_fake(like) or fused.available(like.device)
 
-    def blocks(self, b: Tensor, gathered: bool = False) -> list[tuple[slice, slice, slice]]:
-        """The blocks of dW this layer computes at a time (``weight_blocks``), for factors like ``b``;
-        one where backward works on the kept entries alone (``gathered``) or runs the fused ops."""
+    def blocks(self, b: Tensor) -> list[tuple[slice, slice, slice]]:
+        """The blocks of dW this layer computes at a time (``weight_blocks``), for factors like ``b``. The
+        backward on kept entries keeps the blocks: its gathered rows of A and B take r floats per kept
+        entry, 3.2 times a block's entries at r = 32 and s = 0.9 (a whole LLaMA-2-7B MLP matrix: 1.7 GB)."""
         return weight_blocks(
             b.shape[0], self.in_features, self.groups, b.device,
-            whole=gathered or self.fused(b), whole_columns=self.kernel.whole_columns,
+            whole=self.fused(b), whole_columns=self.kernel.whole_columns,
         )  # fmt: skip
 
     def _fused_args(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -550,21 +559,22 @@ class SnellLinear(AdaptedLinear):
         update = self._fused_update(a, b, t, add)
         return update, [grad if want else None for grad, want in zip(found, wants[:2], strict=True)]
 
-    def samples_gradient(self, like: Tensor) -> bool:
-        """Whether backward needs the gradient reaching S only at the kept entries (``WeightGrad``): on
-        the CPU path, where every group drops at least ``SAMPLED_MIN_SPARSITY`` (so there is a threshold)."""
-        if is_fake(like):
+    def samples_gradient(self, like: Tensor, tokens: int) -> bool:
+        """Whether backward computes the gradient reaching S only at the kept entries (``WeightGrad``): on
+        the CPU path, where every group drops at least ``SAMPLED_MIN_SPARSITY`` (so there is a threshold)
+        and the step has ``SAMPLED_MIN_TOKENS_PER_RANK`` tokens per rank."""
+        if is_fake(like) or tokens < SAMPLED_MIN_TOKENS_PER_RANK * self.rank:
             return False
         ratios = self.sparsity if isinstance(self.sparsity, tuple | list) else (self.sparsity,)
         return device_type_of(like.device) == "cpu" and min(ratios) >= SAMPLED_MIN_SPARSITY
 
-    def gathers(self, like: Tensor) -> bool:
+    def gathers(self, like: Tensor, tokens: int) -> bool:
         """Whether backward can work on the kept entries alone (``_gathered_update_vjp``), from their
         indices recorded by forward: where it samples the gradient and the kernel evaluates on gathered
         pairs of rows (``Kernel.pairs``; fixed parameters). Forward records them for float32/64 inputs
         outside autocast (under it, the dense backward serves; so it does for a memory estimate's fake
         tensors, which do not model the kept entries' indices: a CPU estimate of SNELL is a little off)."""
-        return self.samples_gradient(like) and not self._kernel_names and self.kernel.has_pairs
+        return self.samples_gradient(like, tokens) and not self._kernel_names and self.kernel.has_pairs
 
     def _gathered_update_vjp(
         self, a: Tensor, b: Tensor, t: Tensor, grad: WeightGrad, entries: Entries, wants, add: Tensor | None
@@ -603,7 +613,8 @@ class SnellLinear(AdaptedLinear):
             with torch.no_grad():
                 dw, vjp = closed
                 block = dw.reshape(-1, a.shape[-2])
-                reaching = grad.dense(kept_mask(block, t) if self.samples_gradient(block) else None)
+                sampled = self.samples_gradient(block, grad.tokens)
+                reaching = grad.dense(kept_mask(block, t) if sampled else None)
                 found = vjp(rule_vjp(dw, t, self.rule, reaching).view(dw.shape))
                 update = apply_rule(dw.reshape(-1, a.shape[-2]), t, self.rule, inplace=True)
             grads = [*found[:2], *found[2]]

@@ -86,8 +86,9 @@ def test_backward_on_the_kept_entries_equals_the_dense_backward(
     sparsity, groups, rule, shared_a, drop_path, dropout, block, monkeypatch
 ):
     monkeypatch.setitem(layer_module.BLOCK_ENTRIES, "cpu", block)
+    monkeypatch.setattr(layer_module, "SAMPLED_MIN_TOKENS_PER_RANK", 0)  # 28 tokens: small and quick
     made = _layer(sparsity, groups, rule, shared_a, drop_path, dropout)
-    assert made.gathers(made.lora_B)
+    assert made.gathers(made.lora_B, 28)
     x = torch.randn(4, 7, 96, generator=torch.Generator().manual_seed(2))
     dense = _run(made, x, on_kept=False, monkeypatch=monkeypatch)
     on_kept = _run(made, x, on_kept=True, monkeypatch=monkeypatch)
@@ -95,15 +96,18 @@ def test_backward_on_the_kept_entries_equals_the_dense_backward(
         assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 
-def test_low_sparsity_and_learnable_kernels_keep_the_dense_backward():
+def test_low_sparsity_few_tokens_per_rank_and_learnable_kernels_keep_the_dense_backward():
     low = _layer(0.5, 1, "public", False, 0.0, 0.0)
-    assert not low.samples_gradient(low.lora_B)
+    assert not low.samples_gradient(low.lora_B, 10**6)
+    high = _layer(0.9, 1, "public", False, 0.0, 0.0)
+    assert high.gathers(high.lora_B, 512) and not high.gathers(high.lora_B, 511)  # 64 tokens per rank
     learnable = SnellLinear(nn.Linear(16, 8), 8, build_kernel("piecewise_linear", 8, learnable=True), 0.9)
-    assert learnable.samples_gradient(learnable.lora_B)
-    assert not learnable.gathers(learnable.lora_B)
+    assert learnable.samples_gradient(learnable.lora_B, 10**6)
+    assert not learnable.gathers(learnable.lora_B, 10**6)
 
 
-def test_the_step_memory_tracker_runs_through_the_backward_on_kept_entries():
+def test_the_step_memory_tracker_runs_through_the_backward_on_kept_entries(monkeypatch):
+    monkeypatch.setattr(layer_module, "SAMPLED_MIN_TOKENS_PER_RANK", 0)
     made = _layer(0.9, 3, "public", False, 0.0, 0.0)
     optimizer = torch.optim.AdamW([made.lora_A, made.lora_B])
     x = torch.randn(4, 7, 96)
