@@ -62,6 +62,11 @@ SAMPLED_MIN_TOKENS_PER_RANK = 64
 rows of A and B, r floats each) pays for itself through the tokens the sampled g^T x skips. Measured: 2080
 tokens at r = 8 (ViT) gain, 64 tokens at r = 32 (LLaMA-2-7B width: 53 s against the dense 24 s) lose."""
 
+GATHERED_WHOLE_FLOATS = 2**20
+"""The backward on kept entries takes a layer in one block up to this many floats of gathered rows: one
+block saves the blocks' repeated operand copies and input-gradient sums (measured on the CPU ViT: faster,
+and a 2.5% lower step peak than 2 MiB blocks)."""
+
 _code_path: str | None = None
 
 
@@ -108,7 +113,8 @@ def weight_blocks(
 
     The longer side is split, so that blocks stay wide enough for efficient matmuls; column blocks span
     every row (``rows`` is ``slice(None)``: every group), row blocks stay inside one threshold group.
-    ``whole``: one block, the whole matrix (the fused ops keep no block-sized temporaries).
+    ``whole``: one block, the whole matrix (the fused ops keep no block-sized temporaries; see
+    ``SnellLinear.blocks`` for the backward on kept entries).
     ``whole_columns``: column blocks only (the kernel couples the entries of a column).
     """
     everything = slice(None)
@@ -243,7 +249,7 @@ class KernelSparseLinearFn(torch.autograd.Function):
         layer: SnellLinear = ctx.layer
         needs = ctx.needs_input_grad
         wants = needs[4:6] + needs[8:]  # a, b, then the kernel's parameters
-        blocks = layer.blocks(b)
+        blocks = layer.blocks(b, gathered=index is not None)
         single = len(blocks) == 1  # block gradients are the gradients: nothing to accumulate
         grads = [
             torch.zeros_like(p) if n and not single else None
@@ -462,13 +468,17 @@ class SnellLinear(AdaptedLinear):
             return False
         return is_fake(like) or fused.available(like.device)
 
-    def blocks(self, b: Tensor) -> list[tuple[slice, slice, slice]]:
-        """The blocks of dW this layer computes at a time (``weight_blocks``), for factors like ``b``. The
-        backward on kept entries keeps the blocks: its gathered rows of A and B take r floats per kept
-        entry, 3.2 times a block's entries at r = 32 and s = 0.9 (a whole LLaMA-2-7B MLP matrix: 1.7 GB)."""
+    def blocks(self, b: Tensor, gathered: bool = False) -> list[tuple[slice, slice, slice]]:
+        """The blocks of dW this layer computes at a time (``weight_blocks``), for factors like ``b``: one
+        for the fused ops, and for the backward on kept entries (``gathered``) while their gathered rows
+        of A and B (r floats per kept entry) stay within ``GATHERED_WHOLE_FLOATS`` (a ViT's layers at
+        r = 8; not a LLaMA-2-7B MLP matrix at r = 32, whose would take 1.7 GB)."""
+        ratios = self.sparsity if isinstance(self.sparsity, tuple | list) else (self.sparsity,)
+        gathered_floats = (1 - min(ratios)) * b.shape[0] * self.in_features * self.rank
+        whole = self.fused(b) or (gathered and gathered_floats <= GATHERED_WHOLE_FLOATS)
         return weight_blocks(
             b.shape[0], self.in_features, self.groups, b.device,
-            whole=self.fused(b), whole_columns=self.kernel.whole_columns,
+            whole=whole, whole_columns=self.kernel.whole_columns,
         )  # fmt: skip
 
     def _fused_args(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
