@@ -43,7 +43,7 @@ llm-memory: $(STAMP)
 
 perf: $(STAMP)
 	$(PY) -m pytest bench/perf -q --benchmark-enable --benchmark-columns=min,median,max -p no:cacheprovider
-	$(PY) -m bench perf-step --results results/perf
+	$(PY) -m bench perf-step --results results/perf --rounds 7 --budget 400
 
 notebooks: $(STAMP)
 	$(PY) -m bench notebooks --in-place
