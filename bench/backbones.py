@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import timm
 from timm.models import build_model_with_cfg, generate_default_cfgs, load_state_dict, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
@@ -147,6 +148,42 @@ def _load_state_dict(model: nn.Module, path: Path) -> None:
             f"{path} does not fit {_arch(model)}: {len(missing)} missing keys {missing[:_SHOW_KEYS]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:_SHOW_KEYS]}"
         )
+
+
+def pretraining_head(name: str, checkpoint: str | Path | None = None) -> nn.Module:
+    """The classifier head backbone ``name`` was pretrained with, frozen: the embedded backbone's (no
+    checkpoint), or the head stored in a local checkpoint (``.npz``: ``head/kernel``; a state dict: the
+    model's classifier entries, e.g. ``head.weight``). CheckpointError if the checkpoint has none."""
+    if checkpoint is None:
+        model = create_backbone(name, num_classes=10) if name == EMBEDDED_BACKBONE else None
+    else:
+        model = _model_with_stored_head(name, Path(checkpoint))
+    if model is None:
+        raise ValueError(f"the pretraining head of {name!r} needs its checkpoint file (checkpoint=...)")
+    return model.get_classifier().requires_grad_(False)
+
+
+def _model_with_stored_head(name: str, path: Path) -> nn.Module:
+    """timm model ``name`` with as many classes as the checkpoint's head, that head loaded into it."""
+    if path.suffix == ".npz":
+        with np.load(path) as arrays:
+            if "head/bias" not in arrays:
+                raise CheckpointError(f"{path} has no pretraining head (head/kernel, head/bias)")
+            num_classes = arrays["head/bias"].shape[-1]
+        model = timm.create_model(name, num_classes=num_classes)
+        _load_npz(model, path)
+        return model
+    model = timm.create_model(name)
+    classifier = model.pretrained_cfg.get("classifier", "head")
+    state_dict = load_state_dict(str(path))
+    head = {
+        k.removeprefix(f"{classifier}."): v for k, v in state_dict.items() if k.startswith(f"{classifier}.")
+    }
+    if "weight" not in head:
+        raise CheckpointError(f"{path} has no pretraining head ({classifier}.weight)")
+    model.reset_classifier(head["weight"].shape[0])
+    model.get_classifier().load_state_dict(head)
+    return model
 
 
 def check_attention(attention: str) -> None:

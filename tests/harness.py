@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 FAST_TRAIN = {
@@ -71,3 +72,28 @@ def assert_unchanged(model, snapshot) -> None:
     now_state, now_flags, now_types, now_config = model_snapshot(model)
     assert now_state.keys() == state.keys() and all(torch.equal(now_state[k], state[k]) for k in state)
     assert (now_flags, now_types, now_config) == (flags, types, config)
+
+
+def write_image(path: Path, size: tuple[int, int], value: int) -> None:
+    """A flat RGB image (red ``value``, green 255 - ``value``) at ``path``, its folders made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, 255 - value, 0)).save(path)
+
+
+def write_vtab_task(root: Path, task: str) -> Path:
+    """A VTAB-1k task folder in the NOAH layout under ``root``: 4 train800, 2 val200 (and their union,
+    train800val200) and 3 test images of various sizes; image i has label i mod min(10, classes)."""
+    from bench.data.folders import VTAB_NUM_CLASSES
+
+    task_dir = root / task
+    lists = {"train800.txt": range(4), "val200.txt": range(4, 6), "test.txt": range(6, 9)}
+    for list_name, ids in lists.items():
+        lines = []
+        for i in ids:
+            relative = f"images/{list_name[:-4]}/{i:04d}.png"
+            write_image(task_dir / relative, (40 + 3 * i, 30), value=20 * i)
+            lines.append(f"{relative} {i % min(10, VTAB_NUM_CLASSES[task])}")
+        (task_dir / list_name).write_text("\n".join(lines) + "\n")
+    combined = (task_dir / "train800.txt").read_text() + (task_dir / "val200.txt").read_text()
+    (task_dir / "train800val200.txt").write_text(combined)
+    return task_dir

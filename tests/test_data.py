@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from sklearn.datasets import load_digits
 
 from bench.data import Task, build_task, embedded, list_tasks, load_mnist_split
 from bench.data.embedded import MNIST_MEAN, MNIST_STD, build_embedded
+from tests.harness import write_image, write_vtab_task
 
 EMBEDDED_SIZES = {  # name: (train, val, test, num_classes)
     "digits": (800, 200, 797, 10),
@@ -131,25 +131,10 @@ def test_unknown_task_names_the_value_and_the_choices(name: str) -> None:
     assert "rotation" in message and "smallnorb_ele" in message and "cub" in message
 
 
-def _write_image(path: Path, size: tuple[int, int], value: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (value, 255 - value, 0)).save(path)
-
-
 @pytest.fixture
 def vtab_root(tmp_path: Path) -> Path:
     """A 'eurosat' task in the NOAH layout: 4 train800, 2 val200, 3 test images, various sizes."""
-    task_dir = tmp_path / "eurosat"
-    lists = {"train800.txt": range(4), "val200.txt": range(4, 6), "test.txt": range(6, 9)}
-    for list_name, ids in lists.items():
-        lines = []
-        for i in ids:
-            relative = f"images/{list_name[:-4]}/{i:04d}.png"
-            _write_image(task_dir / relative, (40 + 3 * i, 30), value=20 * i)
-            lines.append(f"{relative} {i % 10}")
-        (task_dir / list_name).write_text("\n".join(lines) + "\n")
-    combined = (task_dir / "train800.txt").read_text() + (task_dir / "val200.txt").read_text()
-    (task_dir / "train800val200.txt").write_text(combined)
+    write_vtab_task(tmp_path, "eurosat")
     return tmp_path
 
 
@@ -197,7 +182,7 @@ def _make_fgvc(root: Path, name: str) -> None:
         anno = {}
         for i, class_id in enumerate(class_ids):
             relative = f"{class_id:03d}.class/{split}_{i}.jpg"
-            _write_image(root / folder / image_dir / relative, (50, 36 + i), value=10 * class_id)
+            write_image(root / folder / image_dir / relative, (50, 36 + i), value=10 * class_id)
             anno[relative] = class_id
         (root / folder / f"{split}.json").write_text(json.dumps(anno))
 

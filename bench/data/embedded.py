@@ -10,6 +10,8 @@ method sees the same train/val/test images.
 - "digits": sklearn's 8x8 digits (a different collection from MNIST) upsampled to 28x28: domain shift.
 - "rotation": held-out MNIST digits rotated by one of 8 angles; predict the angle: geometric structure.
 - "texture": crops of sklearn's two sample photos; predict which of 16 regions a crop comes from.
+- Retention (`retention_digits`): the backbone's own task, digit classes, on the 400 held-out digits
+  that no task trains on.
 """
 
 from __future__ import annotations
@@ -97,17 +99,18 @@ class MnistSplit:
     heldout: TensorImageDataset
 
 
+def _mnist_dataset(index: np.ndarray) -> TensorImageDataset:
+    """MNIST rows ``index``, normalised, with their digit labels; origin = MNIST row."""
+    _, labels = load_mnist()
+    return TensorImageDataset(
+        _normalise(_mnist_images(index)), torch.from_numpy(labels[index]), torch.from_numpy(index)
+    )
+
+
 def load_mnist_split() -> MnistSplit:
     """MNIST-5k as normalised datasets: 4000 images for pretraining, 1000 held out (10 classes)."""
-    _, labels = load_mnist()
-
-    def dataset(index: np.ndarray) -> TensorImageDataset:
-        return TensorImageDataset(
-            _normalise(_mnist_images(index)), torch.from_numpy(labels[index]), torch.from_numpy(index)
-        )
-
     pretrain, heldout = mnist_split_indices()
-    return MnistSplit(dataset(pretrain), dataset(heldout))
+    return MnistSplit(_mnist_dataset(pretrain), _mnist_dataset(heldout))
 
 
 def _digits() -> Task:
@@ -140,10 +143,23 @@ def _rotated(mnist_index: np.ndarray, angle_class: np.ndarray) -> TensorImageDat
     )
 
 
-def _rotation() -> Task:
+def _rotation_split() -> tuple[np.ndarray, ...]:
+    """MNIST rows of the rotation task's train, val and test digits (the held-out 1000, split)."""
     _, labels = load_mnist()
     heldout = mnist_split_indices()[1]
-    train, val, test = (heldout[i] for i in _three_way_split(labels[heldout], *ROTATION_SPLIT))
+    return tuple(heldout[i] for i in _three_way_split(labels[heldout], *ROTATION_SPLIT))
+
+
+def retention_digits() -> TensorImageDataset:
+    """The embedded backbone's pretraining task on digits no run tunes on: the held-out MNIST digits
+    outside the rotation task's training split (its val and test digits, 400), upright, with their digit
+    labels. A tuned backbone's accuracy here with its pretraining head is its retention."""
+    return _mnist_dataset(np.sort(np.concatenate(_rotation_split()[1:])))
+
+
+def _rotation() -> Task:
+    heldout = mnist_split_indices()[1]
+    train, val, test = _rotation_split()
     n_angles = len(ROTATION_ANGLES)
     train_angles = np.random.default_rng(SPLIT_SEED).permutation(np.arange(len(train)) % n_angles)  # balanced
 

@@ -123,6 +123,39 @@ def _read_vtab_list(path: Path, task_dir: Path) -> list[tuple[Path, int]]:
     return samples
 
 
+RETENTION_LAYOUT = """\
+<retention_data>/
+  retention.txt               one line per image: '<path relative to this folder> <class index>',
+                              the index being a class of the backbone's pretraining head (e.g. one of
+                              ImageNet-21k's 21843 for ViT-B_16.npz)
+  <images ...>                any sub-folders; resized and normalised as VTAB-1k images"""
+
+
+def build_retention(
+    folder: str | Path,
+    num_classes: int,
+    img_size: int | None = None,
+    *,
+    mean: tuple[float, ...] = FOLDER_MEAN,
+    std: tuple[float, ...] = FOLDER_STD,
+) -> ImageListDataset:
+    """Images of a backbone's pretraining task (see RETENTION_LAYOUT) to measure retention on, labelled
+    with its pretraining head's classes (``num_classes`` of them)."""
+    folder = Path(folder)
+    list_path = folder / "retention.txt"
+    _require(list_path, RETENTION_LAYOUT, "retention list")
+    samples = _read_vtab_list(list_path, folder)
+    _check_samples(samples, list_path, num_classes, RETENTION_LAYOUT)
+    return ImageListDataset(samples, _vtab_transform(img_size or DEFAULT_IMG_SIZE, mean, std))
+
+
+def _vtab_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
+    """VTAB-1k's evaluation transform: resize to img_size x img_size (bicubic, squashed), normalise."""
+    return create_transform(
+        img_size, interpolation="bicubic", crop_pct=1.0, crop_mode="squash", mean=mean, std=std
+    )
+
+
 def build_vtab(
     task: str,
     data_root: str | Path | None = None,
@@ -144,9 +177,7 @@ def build_vtab(
     _require(task_dir, VTAB_LAYOUT, f"VTAB-1k task folder for {task!r}")
     img_size = img_size or DEFAULT_IMG_SIZE
     num_classes = VTAB_NUM_CLASSES[task]
-    transform = create_transform(
-        img_size, interpolation="bicubic", crop_pct=1.0, crop_mode="squash", mean=mean, std=std
-    )
+    transform = _vtab_transform(img_size, mean, std)
     splits = []
     for list_name in (*VTAB_PROTOCOLS[protocol], "test.txt"):
         list_path = task_dir / list_name

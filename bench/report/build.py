@@ -18,10 +18,9 @@ from scipy import stats
 from bench.arguments import parse
 from bench.llm.commonsense import COMMONSENSE_TASKS, is_commonsense_task
 from bench.run.config import TRAIN_DEFAULTS
-from bench.run.records import load_records
+from bench.run.records import failure_text, load_records
 
 TASK_COLUMN_ORDER = ("digits", "rotation", "texture")
-FAILED_LABEL = {"oom": "OOM", "diverged": "diverged", "error": "error"}
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:
@@ -50,6 +49,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "error": r["error"],
             "val_acc": metrics.get("val_acc"),
             "test_acc": metrics.get("test_acc"),
+            "retention_acc": metrics.get("retention_acc"),
             "trainable_params": metrics.get("trainable_params"),
             "tuned_params": metrics.get("tuned_params", metrics.get("trainable_params")),
             "adapter_bytes": metrics.get("adapter_bytes"),
@@ -98,6 +98,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     measured = [
         "test_acc",
         "val_acc",
+        "retention_acc",
         "trainable_params",
         "tuned_params",
         "adapter_bytes",
@@ -115,6 +116,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
         test_mean=("test_acc", "mean"),
         test_std=("test_acc", "std"),
         val_mean=("val_acc", "mean"),
+        retention_mean=("retention_acc", "mean"),
         seeds_ok=("ok", "sum"),
         trainable_params=("trainable_params", "mean"),
         tuned_params=("tuned_params", "mean"),
@@ -128,7 +130,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
 
 def _cell(row: pd.Series) -> str:
     if row.seeds_ok == 0 or pd.isna(row.test_mean):
-        return " / ".join(dict.fromkeys(FAILED_LABEL[s] for s in row.failures.split(", ")))
+        return failure_text(row.failures.split(", "))
     text = f"{row.test_mean:.1f}" + (f" ± {row.test_std:.1f}" if row.seeds_ok > 1 else "")
     if row.failures:
         text += f" ({row.failures})"
@@ -148,11 +150,14 @@ def accuracy_table(summary: pd.DataFrame) -> pd.DataFrame:
     means = summary.pivot(index="label", columns="task", values="test_mean")[tasks]
     table["mean"] = means.mean(axis=1, skipna=False).map(lambda v: "—" if pd.isna(v) else f"{v:.1f}")
     costs = summary.groupby("label").agg(
+        retention=("retention_mean", "mean"),
         params=("tuned_params", "mean"),
         mem=("peak_memory_mib", "mean"),
         step=("step_time_s", "median"),
         loaded=("timed_under_load", "any"),
     )
+    if costs.retention.notna().any():
+        table["retention (%)"] = costs.retention.map(lambda v: "—" if pd.isna(v) else f"{v:.1f}")
     table["tuned params"] = costs.params.map(lambda v: "—" if pd.isna(v) else f"{v / 1e3:.1f}K")
     table["peak memory (MiB)"] = costs.mem.map(lambda v: "—" if pd.isna(v) else f"{v:.1f}")
     table["step (ms)"] = [
@@ -241,7 +246,7 @@ def commonsense_table(records: list[dict], df: pd.DataFrame) -> pd.DataFrame:
     table = table.loc[list(means.mean(axis=1).sort_values(ascending=False).index)]
     failed = df[df.task.map(is_commonsense_task) & ~df.label.isin(table.index)]
     for label, runs in failed.groupby("label"):
-        table.loc[label] = " / ".join(dict.fromkeys(FAILED_LABEL[s] for s in sorted(runs.status)))
+        table.loc[label] = failure_text(sorted(runs.status))
     return table.rename_axis("method")
 
 
@@ -255,6 +260,7 @@ def write_markdown(tables: dict[str, pd.DataFrame], path: Path, header: str) -> 
 
 def build_report(results: str | Path) -> pd.DataFrame:
     """Write summary.csv, runs.csv, tables/*.md and figures/*.png under ``results``; returns the summary."""
+    from bench.report.paper import paper_comparison
     from bench.report.plots import draw_all
 
     results = Path(results)
@@ -277,6 +283,11 @@ def build_report(results: str | Path) -> pd.DataFrame:
         f"Step times marked * ({loaded} run(s)) were taken while other work shared the CPU (the run got "
         f"under {LOADED_CPU_SHARE:.0%} of its threads' time): compare them with care.\n"
     )
+    if df.retention_acc.notna().any():
+        header += (
+            "Retention (%): top-1 of the tuned backbone on its pretraining task with its pretraining head "
+            "(PEFT's 'forgetting'; bench.run.retention), mean over tasks and seeds.\n"
+        )
     per_test_set = commonsense_table(records, df)
     if not per_test_set.empty:
         header += (
@@ -285,6 +296,9 @@ def build_report(results: str | Path) -> pd.DataFrame:
         )
     tables = {
         "Methods x tasks": accuracy_table(summary),
+        "Beside the SNELL paper (arXiv 2411.01800): our test top-1 and the printed one, per task and in the "
+        "paper's averages (VTAB: group means and their mean as Tab. 1, mean over 19 tasks as Tab. A7; FGVC "
+        "and commonsense: plain means)": paper_comparison(records),
         "Commonsense reasoning: accuracy per test set (%), mean ± std over seeds": per_test_set,
         "Difference from lora-8 in test top-1, paired over (task, seed), 95% t interval": (
             paired_differences(df)

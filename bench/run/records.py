@@ -13,11 +13,21 @@ import datetime as dt
 import json
 import os
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "diverged", "oom", "error")
+FAILED_LABEL = {"oom": "OOM", "diverged": "diverged", "error": "error"}
+"""How tables show a failed run's status."""
+
+
+def failure_text(statuses: Iterable[str]) -> str:
+    """The failed statuses among ``statuses`` as a table shows them, each once: "OOM / error"."""
+    return " / ".join(dict.fromkeys(FAILED_LABEL[s] for s in statuses if s != "ok"))
+
+
 REQUIRED_KEYS = ("schema", "run_id", "status", "error", "label", "config", "metrics", "provenance")
 
 

@@ -29,6 +29,7 @@ import yaml
 import snell
 from bench.arguments import SLURM_KEYS
 from bench.data import build_task
+from bench.data.folders import RETENTION_LAYOUT
 from bench.llm.commonsense import check_files, commonsense_tasks, is_commonsense_task
 from bench.llm.models import CAUSAL_LM_CONFIGS, check_checkpoint_folder, is_causal_lm_name
 from bench.run.config import TRAIN_FIELDS, RunConfig, TrainConfig
@@ -109,7 +110,7 @@ def _backbone_problems(cfg: TrainConfig) -> list[str]:
     if not is_causal_lm_name(cfg.backbone):
         if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
             return [f"checkpoint file {cfg.checkpoint!r} does not exist"]
-        return []
+        return retention_problems(cfg)
     if cfg.checkpoint is None:
         if cfg.pretrained:
             return [
@@ -123,6 +124,19 @@ def _backbone_problems(cfg: TrainConfig) -> list[str]:
         check_checkpoint_folder(Path(cfg.checkpoint))
     except FileNotFoundError as err:
         return [str(err)]
+    return []
+
+
+def retention_problems(cfg: TrainConfig) -> list[str]:
+    """A ``retention_data`` folder without its list, or without a checkpoint holding the head to use."""
+    if cfg.retention_data is None:
+        return []
+    if cfg.checkpoint is None:
+        return [f"retention_data={cfg.retention_data!r} needs checkpoint: the file with the pretraining head"]
+    if not (Path(cfg.retention_data) / "retention.txt").is_file():
+        return [
+            f"retention_data: {Path(cfg.retention_data) / 'retention.txt'} does not exist\n{RETENTION_LAYOUT}"
+        ]
     return []
 
 

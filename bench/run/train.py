@@ -45,6 +45,7 @@ from bench.llm.generate import commonsense_accuracy, fold_adapters
 from bench.llm.models import causal_lm_config, create_causal_lm, enable_gradient_checkpointing
 from bench.run.config import RunConfig, TrainConfig
 from bench.run.measure import median_step_time, tracked_step_memory
+from bench.run.retention import pretraining_logits, retention_task
 
 
 class DivergedError(RuntimeError):
@@ -70,11 +71,14 @@ class Model:
         return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     def accuracy(self, cfg: TrainConfig) -> dict[str, Any]:
-        """The accuracy metrics of the trained model: ``val_acc`` and ``test_acc`` (%). The last use of the
+        """The accuracy metrics of the trained model: ``val_acc`` and ``test_acc`` (%), and
+        ``retention_acc`` (%, ``bench.run.retention``; None without a retention task). The last use of the
         model in a run (``CausalLmModel`` merges its adapters)."""
+        retention = retention_task(cfg)
         return {
             "val_acc": evaluate(self, self.task.val, cfg),
             "test_acc": evaluate(self, self.task.test, cfg),
+            "retention_acc": retention and evaluate(self, retention.data, cfg, head=retention.head),
         }
 
 
@@ -188,14 +192,18 @@ def precision(device: torch.device, amp: bool) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig) -> float:
-    """Top-1 accuracy (%) on a dataset (its first ``limit_eval_batches`` batches if set: for smoke tests)."""
+def evaluate(model: Model, dataset: Dataset, cfg: TrainConfig, head: nn.Module | None = None) -> float:
+    """Top-1 accuracy (%) on a dataset (its first ``limit_eval_batches`` batches if set: for smoke tests),
+    of the model's own head or of ``head`` on its pooled features (the pretraining head: retention)."""
     model.net.eval()
+    if head is not None:
+        head = head.to(model.device)
     correct = total = 0
     batches = loader(dataset, cfg.eval_batch_size, None, cfg)
     for images, labels in itertools.islice(batches, cfg.limit_eval_batches):
         with step.autocast(model.device.type, precision(model.device, cfg.amp)):
-            logits = model.net(images.to(model.device))
+            inputs = images.to(model.device)
+            logits = model.net(inputs) if head is None else pretraining_logits(model.net, head, inputs)
         correct += (logits.argmax(1).cpu() == labels).sum().item()
         total += len(labels)
     return 100.0 * correct / total
