@@ -44,6 +44,7 @@ llm-memory: $(STAMP)
 perf: $(STAMP)
 	$(PY) -m pytest bench/perf -q --benchmark-enable --benchmark-columns=min,median,max -p no:cacheprovider
 	$(PY) -m bench perf-step --results results/perf --rounds 7 --budget 400
+	$(PY) -m bench perf-inference --results results/perf
 
 notebooks: $(STAMP)
 	$(PY) -m bench notebooks --in-place

@@ -272,6 +272,25 @@ def _gpu_check(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _perf_inference(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--results", type=Path, default=Path("results/perf"), help="output folder (record + markdown)"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--image-size", type=int, default=64, help="pixels (the step benchmark's ViT, patch 8)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--warmup", type=int, default=2, help="untimed forward passes per model")
+    p.add_argument("--rounds", type=int, default=25, help="timed forward passes per model, taking turns")
+
+
+def _check_perf_inference(args: argparse.Namespace) -> None:
+    for flag in ("batch_size", "image_size", "threads", "rounds"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup} must be >= 0")
+
+
 def _gpu_smoke(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--results", type=Path, default=Path("results/gpu"), help="output folder (record + markdown)"
@@ -363,6 +382,12 @@ COMMANDS = {
         "step time and memory ratios: snell vs lora vs the reference SNELL",
         _perf_step,
         _check_perf_step,
+    ),
+    "perf-inference": Command(
+        "bench.perf.inference",
+        "images per second of merged SNELL-8 / LoRA-8 against the frozen backbone and the unmerged adapter",
+        _perf_inference,
+        _check_perf_inference,
     ),
     "gpu-check": Command(
         "bench.perf.gpu_check",

@@ -9,7 +9,8 @@ import shutil
 import pandas as pd
 import pytest
 
-from bench.perf import gpu_check, step_bench
+from bench.perf import gpu_check, inference, step_bench
+from bench.perf.inference import PRESETS
 from bench.report.build import main as report_command
 from bench.report.measurements import perf_ratios, render_folder
 from bench.run.config import EMBEDDED_BACKBONE
@@ -34,9 +35,13 @@ def test_gpu_check_script_runs_on_a_cpu_and_its_report_renders_from_the_record(t
         ("lora-32", "llama_tiny", 2),
         ("snell-32", "llama_tiny", 2),
     ]
+    inference = {r["model"]: r for r in record["tables"]["inference"]["data"]}
+    assert set(inference) == {"frozen", *(f"{p} {m}" for p in PRESETS for m in ("merged", "unmerged"))}
+    assert all(inference[f"{p} merged"]["max_abs_diff"] < 1e-4 for p in PRESETS)
     report = folder / "gpu_check.md"
     first = report.read_bytes()
     assert b"commit 0123456789" in first and b"time snell-8 / reference-8" in first
+    assert b"## Inference after merge" in first and b"| snell-8 merged " in first
     assert b"| snell-32 " in first and b"tokens_per_s" in first
     report.unlink()
     report_command(["--results", str(tmp_path)])
@@ -68,6 +73,24 @@ def test_step_benchmark_compares_like_for_like_and_with_the_floor(tmp_path):
     assert len(full) == 1 and full.iloc[0] == 1.0  # the one full row serves both branches
     assert ratios["time / full"].notna().all()
     assert "time / lora-32" in text and "llama_tiny, 8 tokens, 1 thread " in text
+
+
+def test_merged_models_are_the_frozen_architecture_and_their_throughput_is_recorded(tmp_path):
+    models = inference.inference_models(lambda: step_bench.cpu_vit(32))
+    layout = [type(m) for m in models["frozen"].modules()]
+    for preset in PRESETS:
+        assert [type(m) for m in models[f"{preset} merged"].modules()] == layout
+        assert [type(m) for m in models[f"{preset} unmerged"].modules()] != layout
+    inference.main(["--batch-size", "2", "--image-size", "32", "--rounds", "3", "--results", str(tmp_path)])
+    record = json.loads((tmp_path / "perf-inference.json").read_text())
+    rows = {r["model"]: r for r in record["tables"]["inference"]["data"]}
+    assert rows["frozen"]["vs_frozen"] == 1.0 and all(
+        r["rounds"] == 3 and r["images_per_s"] > 0 for r in rows.values()
+    )
+    assert all(rows[f"{p} merged"]["max_abs_diff"] < 1e-4 for p in PRESETS)
+    assert all(rows[f"{p} unmerged"]["max_abs_diff"] is None for p in PRESETS)
+    report = (tmp_path / "perf_inference.md").read_text()
+    assert "| snell-8 merged " in report and "within 2%" in report
 
 
 @pytest.mark.parametrize("folder", ["perf", "memory"])

@@ -34,6 +34,7 @@ import snell
 from bench import step
 from bench.arguments import parse
 from bench.backbones import attention_of, create_backbone
+from bench.perf.inference import images_per_second, inference_models
 from bench.perf.variants import Variant, apply_variant
 from bench.report.measurements import render_folder
 from bench.run.measurements import write_measurement
@@ -192,6 +193,21 @@ def check_llama(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def check_inference(batch: int, args: argparse.Namespace) -> pd.DataFrame:
+    """Images per second of the frozen backbone, the unmerged and the merged adapters (fp32)."""
+
+    def backbone() -> nn.Module:
+        torch.manual_seed(0)
+        return create_backbone(args.model, 100, pretrained=False).to(args.device)
+
+    models = inference_models(backbone)
+    input_size = timm.data.resolve_model_data_config(models["frozen"])["input_size"]
+    images = torch.randn(batch, *input_size, device=args.device)
+    table = images_per_second(models, images, args.warmup, args.steps)
+    table.insert(0, "batch", batch)
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     run(parse("gpu-check", argv))
 
@@ -210,6 +226,7 @@ def run(args: argparse.Namespace) -> None:
     for batch, precision in tqdm(groups, desc="gpu check"):
         rows += check(batch, precision, args)
     tables = {"steps": pd.DataFrame(rows)}
+    tables["inference"] = check_inference(max(args.batch_sizes), args)
     if args.llama_model:
         tables["llama"] = pd.DataFrame(check_llama(args))
     write_measurement(

@@ -21,6 +21,7 @@ from bench.run.measurements import KINDS, measurement_path, read_measurement
 TEMPLATES = Path(__file__).parent / "templates"
 REPORT_NAMES = {
     "perf-step": "perf_step.md",
+    "perf-inference": "perf_inference.md",
     "memory-sweep": "memory_vs_paper.md",
     "llm-memory": "llm_memory.md",
     "gpu-check": "gpu_check.md",
@@ -119,6 +120,36 @@ def render_perf_step(record: dict, tables: dict[str, pd.DataFrame], folder: Path
     }
 
 
+INFERENCE_BOUND = 0.02
+"""Issue #24's goal: a merged model's throughput within 2% of the frozen backbone's."""
+
+
+def inference_goals(inference: pd.DataFrame) -> pd.DataFrame:
+    """Per merged model: its throughput over the frozen backbone's, against ``INFERENCE_BOUND``."""
+    merged = inference[inference.model.str.endswith(" merged")]
+    return pd.DataFrame({
+        "model": merged.model,
+        "merged / frozen images per s": merged.vs_frozen,
+        "goal": f"within {INFERENCE_BOUND:.0%}",
+        "met": ["yes" if abs(r - 1) <= INFERENCE_BOUND else "no" for r in merged.vs_frozen],
+    })  # fmt: skip
+
+
+def inference_tables(inference: pd.DataFrame) -> str:
+    """The throughput table, then the goal per merged model."""
+    shown = inference.assign(
+        max_abs_diff=inference.max_abs_diff.map(lambda v: "—" if pd.isna(v) else f"{v:.1e}")
+    )
+    return (
+        f"{markdown_table(shown, False)}\n\nGoal (issue #24): a merged model runs at the frozen backbone's "
+        f"speed, within {INFERENCE_BOUND:.0%}.\n\n{markdown_table(inference_goals(inference), False)}"
+    )
+
+
+def render_perf_inference(record: dict, tables: dict[str, pd.DataFrame], folder: Path) -> dict[str, str]:
+    return {"table_inference": inference_tables(tables["inference"])}
+
+
 GPU_GOALS = (
     ("time", "lora-8", (8, "fp32", "off"), 1.20),
     ("time", "lora-8", (8, "fp32", "paper"), 1.35),
@@ -189,6 +220,11 @@ def render_gpu_check(record: dict, tables: dict[str, pd.DataFrame], folder: Path
             if "llama" not in tables
             else markdown_table(tables["llama"].drop(columns=["method", "device"]), False)
         ),
+        "table_inference": (
+            "(not measured in this run)"
+            if "inference" not in tables
+            else inference_tables(tables["inference"])
+        ),
     }
 
 
@@ -257,6 +293,7 @@ RENDERERS: dict[str, Callable[[dict, dict[str, pd.DataFrame], Path], dict[str, s
     "perf-step": render_perf_step,
     "memory-sweep": render_memory_sweep,
     "llm-memory": render_llm_memory,
+    "perf-inference": render_perf_inference,
     "gpu-check": render_gpu_check,
     "gpu-smoke": render_gpu_smoke,
     "fused-compile": render_fused_compile,

@@ -22,7 +22,15 @@ from bench.run.provenance import provenance
 from bench.run.records import RecordError, write_json
 
 MEASUREMENT_SCHEMA = 1
-KINDS = ("perf-step", "memory-sweep", "llm-memory", "gpu-check", "gpu-smoke", "fused-compile")
+KINDS = (
+    "perf-step",
+    "perf-inference",
+    "memory-sweep",
+    "llm-memory",
+    "gpu-check",
+    "gpu-smoke",
+    "fused-compile",
+)
 
 
 def measurement_path(results: str | Path, kind: str) -> Path:
