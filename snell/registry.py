@@ -181,6 +181,22 @@ def apply_method(model: nn.Module, config: TuningConfig, calibration: Calibratio
     if getattr(model, "tuning_config", None) is not None:
         raise ValueError(f"model already has method {model.tuning_config.method!r} applied")
     spec = get_method(config.method)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     with unchanged_on_error(model):
         model.tuning_config = spec.apply(model, config, calibration)
+    model.__dict__[FLAGS_BEFORE_TUNING] = flags
     return model
+
+
+FLAGS_BEFORE_TUNING = "requires_grad_before_tuning"
+"""The model attribute where ``apply_method`` keeps every parameter's ``requires_grad`` as it found it."""
+
+
+def end_tuning(model: nn.Module) -> None:
+    """Make a merged model plain again: no ``tuning_config`` (so a method can be applied anew and no
+    adapter is saved from it), and every parameter's ``requires_grad`` as before ``apply_method``."""
+    flags = model.__dict__.pop(FLAGS_BEFORE_TUNING, {})
+    for name, param in model.named_parameters():
+        if name in flags:
+            param.requires_grad_(flags[name])
+    model.__dict__.pop("tuning_config", None)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .families import head_module, trains_head
+from .registry import end_tuning
 from .validation import check_rank_fits
 
 VISION_TARGETS = ("*attn.qkv", "*attn.q", "*attn.k", "*attn.v", "*attn.proj", "*mlp.fc1", "*mlp.fc2")
@@ -98,7 +99,7 @@ class AdaptedLinear(nn.Module):
         """A plain ``nn.Linear`` with the update folded in: no inference overhead."""
         base = self.base
         out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
-        out.to(device=base.weight.device, dtype=base.weight.dtype)
+        out.to(device=base.weight.device, dtype=base.weight.dtype).requires_grad_(base.weight.requires_grad)
         out.weight.copy_(base.weight + self.delta_weight().to(base.weight.dtype))
         if base.bias is not None:
             out.bias.copy_(base.bias)
@@ -217,8 +218,9 @@ def merge(model: nn.Module) -> nn.Module:
 
     Adapters are ours (``AdaptedLinear``) or another library's (``is_foreign_adapter``: PEFT's layers,
     replaced by their base layer after their own ``merge()``; a PEFT tuner that cannot merge raises
-    PEFT's error). A model with no tuning method applied is an error; a method that trains the model's
-    own weights (full, linear, bitfit) has nothing to fold, which a warning says.
+    PEFT's error). A model with no tuning method applied (or merged already) is an error; a method that
+    trains the model's own weights (full, linear, bitfit) has nothing to fold, which a warning says.
+    The result is a plain model (``end_tuning``): no tuning config, ``requires_grad`` as before tuning.
     """
     foreign = [n for n, m in model.named_modules() if n and is_foreign_adapter(m)]
     foreign = [n for n in foreign if not any(n.startswith(f"{outer}.") for outer in foreign)]  # outermost
@@ -235,6 +237,7 @@ def merge(model: nn.Module) -> nn.Module:
         )
     replace_modules(model, names, lambda _, m: m.merged())
     replace_modules(model, foreign, lambda _, m: merged_foreign(m))
+    end_tuning(model)
     return model
 
 

@@ -1,6 +1,7 @@
 """The public interface: methods, configs, apply, counts, merge, adapters, bad input."""
 
 import copy
+import warnings
 
 import pytest
 import timm
@@ -199,6 +200,27 @@ def test_apply_method_failing_midway_leaves_the_model_as_it_was():
         snell.apply_method(model, snell.method_config("spt-lora", budget=500), calibration=batches())
     assert_unchanged(model, before)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS + ["linear"])
+def test_merge_returns_a_plain_model(method, tmp_path):
+    plain = make_tiny_vit()
+    model = snell.apply_method(make_tiny_vit(), snell.method_config(method))
+    assert snell.count_trainable(model) != snell.count_trainable(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # linear: nothing to fold
+        snell.merge(model)
+    assert snell.count_trainable(model) == snell.count_trainable(plain)
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == [
+        (n, p.requires_grad) for n, p in plain.named_parameters()
+    ]
+    assert getattr(model, "tuning_config", None) is None
+    with pytest.raises(ValueError, match="no adapter to merge"):
+        snell.merge(model)  # a second merge
+    with pytest.raises(ValueError, match="no tuning method applied"):
+        snell.save_adapter(model, tmp_path)
+    snell.apply_method(model, snell.method_config("lora", rank=4))  # tuned anew
+    assert targets_of(model)
 
 
 def test_merge_says_when_there_is_nothing_to_merge():
