@@ -176,11 +176,27 @@ def validation_table(summary: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values("mean", ascending=False).round(1).rename_axis("method")
 
 
-def paired_differences(df: pd.DataFrame, reference: str = "lora-8", confidence: float = 0.95) -> pd.DataFrame:
+PAIRED_REFERENCE = "lora-8"
+"""The row every other is paired with, when it has successful runs (else ``paired_reference`` picks)."""
+
+
+def paired_reference(df: pd.DataFrame) -> str | None:
+    """LoRA-8 if it has successful runs, else the label with the most, or None with fewer than two labels
+    that succeeded (nothing to pair)."""
+    counts = df[df.status == "ok"].label.value_counts()
+    if len(counts) < 2:
+        return None
+    return PAIRED_REFERENCE if PAIRED_REFERENCE in counts else counts.index[0]
+
+
+def paired_differences(
+    df: pd.DataFrame, reference: str = PAIRED_REFERENCE, confidence: float = 0.95
+) -> pd.DataFrame:
     """Each method's test top-1 minus ``reference``'s over the (task, seed) pairs both finished, with a
-    paired t interval: a difference is called real only where the interval excludes 0."""
+    paired t interval: a difference is called real only where the interval excludes 0. Empty where
+    ``reference`` or every other label has no successful run."""
     ok = df[df.status == "ok"].pivot_table(index=["task", "seed"], columns="label", values="test_acc")
-    if reference not in ok:
+    if reference not in ok or len(ok.columns) < 2:
         return pd.DataFrame()
     rows = []
     for label in ok.columns.drop(reference):
@@ -288,6 +304,11 @@ def build_report(results: str | Path) -> pd.DataFrame:
             "Retention (%): top-1 of the tuned backbone on its pretraining task with its pretraining head "
             "(PEFT's 'forgetting'; bench.run.retention), mean over tasks and seeds.\n"
         )
+    reference = paired_reference(df)
+    if reference is None:
+        header += "No paired differences: fewer than two methods have a successful run.\n"
+    elif reference != PAIRED_REFERENCE:
+        header += f"Paired differences are from {reference} ({PAIRED_REFERENCE} has no successful run).\n"
     per_test_set = commonsense_table(records, df)
     if not per_test_set.empty:
         header += (
@@ -300,8 +321,8 @@ def build_report(results: str | Path) -> pd.DataFrame:
         "paper's averages (VTAB: group means and their mean as Tab. 1, mean over 19 tasks as Tab. A7; FGVC "
         "and commonsense: plain means)": paper_comparison(records),
         "Commonsense reasoning: accuracy per test set (%), mean ± std over seeds": per_test_set,
-        "Difference from lora-8 in test top-1, paired over (task, seed), 95% t interval": (
-            paired_differences(df)
+        f"Difference from {reference} in test top-1, paired over (task, seed), 95% t interval": (
+            paired_differences(df, reference) if reference else pd.DataFrame()
         ),
         "Kernels (rank 8, sparsity 0.9)": ablation_table(summary, "kernel", rank=8, sparsity=0.9),
         "Sparsity per kernel (rank 8)": ablation_table(summary, "sparsity", rank=8),
