@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from timm.models import get_pretrained_cfg_value
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from timm.scheduler.scheduler import Scheduler
@@ -229,9 +230,20 @@ def build_classifier(run: RunConfig, device: torch.device) -> Model:
     task = build_task(run.task, cfg.data_root, cfg.img_size, protocol=cfg.protocol)
     torch.manual_seed(run.seed)
     net = create_backbone(
-        cfg.backbone, task.num_classes, cfg.checkpoint, cfg.pretrained, drop_path_rate=cfg.drop_path_rate
+        cfg.backbone,
+        task.num_classes,
+        cfg.checkpoint,
+        cfg.pretrained,
+        drop_path_rate=cfg.drop_path_rate,
+        **input_size(cfg.backbone, task.img_size),
     )
     return Model(net.to(device), task, device)
+
+
+def input_size(backbone: str, img_size: int) -> dict[str, int]:
+    """``img_size`` for timm models built for one input size (ViT, Swin: their position embeddings or
+    windows follow it, a checkpoint's are resampled); convolutional ones take any size and no option."""
+    return {"img_size": img_size} if get_pretrained_cfg_value(backbone, "fixed_input_size") else {}
 
 
 def build_causal_lm(run: RunConfig, device: torch.device) -> CausalLmModel:
