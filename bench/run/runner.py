@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> None:
         sweep = load_sweep(args.sweep)
     except SweepError as err:
         sys.exit(str(err))
+    for line in sweep.merged:
+        print(f"merged: {line}")
     if args.dry_run:
         for run_config in sweep.runs:
             print(run_config.run_id)

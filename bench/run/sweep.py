@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,24 @@ class Sweep:
     name: str
     runs: list[RunConfig]
     slurm: dict[str, Any] = field(default_factory=dict)
+    merged: list[str] = field(default_factory=list)
+    """One line per set of grid entries that resolve to the same run (run once, under the first)."""
+
+
+def one_run_each(runs: list[RunConfig]) -> tuple[list[RunConfig], list[str]]:
+    """The runs with equivalent ones dropped, and a line per drop: two runs are one when task, seed,
+    training settings and the resolved method config agree (``{method: lora}`` and ``{method: lora,
+    rank: 8}``), whatever options were spelled out; the first one listed is kept."""
+    kept: dict[str, RunConfig] = {}
+    merged = []
+    for run in runs:
+        identity = run.identity() | {"method_options": run.method_config.to_dict(), "label_options": None}
+        key = json.dumps(identity, sort_keys=True, default=str)
+        first = kept.setdefault(key, run)
+        if first is not run:
+            same = "the same entry" if first.run_id == run.run_id else f"options {run.method_options}"
+            merged.append(f"{run.label} on {run.task}, seed {run.seed}: {same} as {first.run_id}, run once")
+    return list(kept.values()), merged
 
 
 def _as_list(value: Any) -> list:
@@ -236,8 +255,8 @@ def parse_sweep(data: Any, source: str = "sweep") -> Sweep:
     problems = list(dict.fromkeys(problems))  # a bad task repeated over entries is reported once
     if problems:
         raise SweepError(source, problems)
-    unique = list({run.run_id: run for run in runs}.values())
-    return Sweep(str(data.get("name", Path(source).stem)), unique, slurm)
+    unique, merged = one_run_each(runs)
+    return Sweep(str(data.get("name", Path(source).stem)), unique, slurm, merged)
 
 
 def load_sweep(path: str | Path) -> Sweep:
