@@ -26,4 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         sys.exit(f"unknown command {name!r}; allowed: {', '.join(COMMANDS)}\n\n{usage()}")
     args = parse(name, rest)
-    importlib.import_module(COMMANDS[name].module).run(args)
+    try:
+        importlib.import_module(COMMANDS[name].module).run(args)
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
+
+
+INTERRUPTED = "stopped; rerun the same command to resume"
+"""All that Ctrl-C prints (exit code 130, as for any process Ctrl-C ends): finished runs keep their
+records, and a rerun of the same command goes on from them."""

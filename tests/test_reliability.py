@@ -24,34 +24,49 @@ from tests.harness import FAST_TRAIN, REPO, bench_cmd, comparable, record_files,
 GRID = [{"method": ["linear", "lora"]}, {"method": "snell", "rank": 4}]
 
 
-def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tmp_path):
-    sweep = write_sweep(tmp_path / "s.yaml", GRID, seeds=[0, 1])
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    assert (
-        run_bench(
-            "sweep", str(sweep), "--results", str(reference), "--workers", "1", "--no-report"
-        ).returncode
-        == 0
+@pytest.fixture(scope="module")
+def sweep_and_reference(tmp_path_factory):
+    """A 6-run sweep file and its uninterrupted results."""
+    folder = tmp_path_factory.mktemp("reference")
+    sweep = write_sweep(folder / "s.yaml", GRID, seeds=[0, 1])
+    done = run_bench(
+        "sweep", str(sweep), "--results", str(folder / "results"), "--workers", "1", "--no-report"
     )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return sweep, folder / "results"
 
+
+@pytest.mark.parametrize(
+    "sig, workers",
+    [(signal.SIGKILL, 1), (signal.SIGINT, 1), (signal.SIGINT, 2)],
+    ids=["kill", "ctrl-c", "ctrl-c 2"],
+)
+def test_a_stopped_sweep_resumes_to_the_uninterrupted_results(tmp_path, sweep_and_reference, sig, workers):
+    sweep, reference = sweep_and_reference
+    stopped = tmp_path / "stopped"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = bench_cmd("sweep", str(sweep), "--results", str(killed), "--workers", "1", "--no-report")
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = bench_cmd("sweep", str(sweep), "--results", str(stopped), "--workers", str(workers), "--no-report")
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
-    while len(record_files(killed)) < 2 and time.time() < deadline and proc.poll() is None:
+    while len(record_files(stopped)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(0.3)  # land somewhere inside the next run
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    partial = len(record_files(killed))
-    assert 2 <= partial < 6, "the kill should land mid-sweep"
+    proc.send_signal(sig)
+    stderr = proc.communicate()[1]
+    partial = len(record_files(stopped))
+    assert 2 <= partial < 6, "the signal should land mid-sweep"
+    if sig == signal.SIGINT:  # Ctrl-C: one line, no traceback from the sweep or its workers
+        assert proc.returncode == 130 and "Traceback" not in stderr
+        assert stderr.strip().splitlines()[-1] == "stopped; rerun the same command to resume"
 
-    resumed = run_bench("sweep", str(sweep), "--results", str(killed), "--workers", "1", "--no-report")
+    resumed = run_bench("sweep", str(sweep), "--results", str(stopped), "--workers", "1", "--no-report")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{partial} already recorded" in resumed.stdout
-    assert comparable(killed) == comparable(reference)
-    assert len(load_records(killed)) == 6  # all parse, none duplicated
-    assert not list((killed / "records").glob("*.tmp")) and not list((killed / "records").glob("*.claim"))
+    assert comparable(stopped) == comparable(reference)
+    assert len(load_records(stopped)) == 6  # all parse, none duplicated
+    assert not list((stopped / "records").glob("*.tmp")) and not list((stopped / "records").glob("*.claim"))
 
 
 def run_quick(tmp_path, grid, **train):

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import os
+import signal
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from bench.arguments import parse
 from bench.run.config import RunConfig
-from bench.run.execute import claim_and_execute, pending, print_failures
+from bench.run.execute import claim_and_execute, pending, print_failures, recorded_statuses
 from bench.run.records import ResultsFolderError, check_results_folder
 from bench.run.sweep import SweepError, load_sweep
 
@@ -37,37 +39,40 @@ def run_sweep(
     check_results_folder(results)
     todo = pending(runs, results, retry_failed)
     threads = max(1, (os.cpu_count() or 1) // workers)
+    options = {"results": str(results), "threads": threads, "retry_failed": retry_failed}
     statuses: dict[str, str] = {}
-    bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress)
-    if workers == 1:
-        for run in todo:
-            run_id, status = claim_and_execute(
-                run.to_dict(), str(results), threads=threads, progress=progress, retry_failed=retry_failed
-            )
+    with tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress) as bar:
+        if workers == 1:
+            done = (claim_and_execute(r.to_dict(), progress=progress, **options) for r in todo)
+        else:
+            done = _in_workers(functools.partial(claim_and_execute, progress=False, **options), todo, workers)
+        for run_id, status in done:
             statuses[run_id] = status
             bar.update()
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = [
-                pool.submit(
-                    claim_and_execute,
-                    r.to_dict(),
-                    str(results),
-                    threads=threads,
-                    progress=False,
-                    retry_failed=retry_failed,
-                )
-                for r in todo
-            ]
-            for future in as_completed(futures):
-                run_id, status = future.result()
-                statuses[run_id] = status
-                bar.update()
-                bar.set_postfix_str(f"last: {status}")
-    bar.close()
+            bar.set_postfix_str(f"last: {status}")
     print_failures(statuses)
     return statuses
+
+
+def _in_workers(execute: Callable, runs: list[RunConfig], workers: int) -> Iterator[tuple[str, str]]:
+    """(run_id, status) of each run as ``workers`` spawned processes finish them; on any exception here
+    (Ctrl-C included) the workers are ended: their runs in flight stop and their claims go stale."""
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_leave_interrupts_to_the_parent)
+    try:
+        yield from pool.imap_unordered(execute, [r.to_dict() for r in runs])
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+def _leave_interrupts_to_the_parent() -> None:
+    """Worker initializer: Ctrl-C reaches every process of the terminal; the sweep process alone answers
+    it and ends the workers (SIGTERM), which then exit quietly, their finalizers run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,3 +104,6 @@ def run(args: argparse.Namespace) -> None:
         from bench.report.build import build_report
 
         build_report(args.results)
+    failed = sorted({s for s in recorded_statuses(sweep.runs, args.results).values() if s != "ok"})
+    if failed:
+        sys.exit(f"the sweep has failed runs ({', '.join(failed)}): the report and their records say why")

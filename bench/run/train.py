@@ -305,35 +305,35 @@ def train_run(run: RunConfig, progress: bool = True) -> dict:
         epoch_losses.append(loss)
 
     loss_curve, step_times, step_cpu_times, memory = [], [], [], None
-    bar = tqdm(total=total_steps, desc=run.label, unit="step", disable=not progress, leave=False)
-    for epoch in range(cfg.epochs):
-        net.train()
-        epoch_losses = []
-        for inputs, labels in itertools.islice(train_loader, steps_per_epoch):
-            batch = (inputs.to(device), labels.to(device))
-            if memory is None and epoch_losses and device.type == "cpu":  # optimizer state exists now
-                memory = tracked_step_memory(net, optimizer, functools.partial(record_step, batch))
-            else:
-                tic, cpu_tic = time.perf_counter(), time.process_time()
-                record_step(batch)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                step_times.append(time.perf_counter() - tic)
-                step_cpu_times.append(time.process_time() - cpu_tic)
-            scheduler.step_update(epoch * steps_per_epoch + len(epoch_losses))
-            bar.update()
-        losses = torch.stack(epoch_losses).float()
-        worst = losses.max().item() if losses.isfinite().all() else float("nan")
-        if not worst <= cfg.diverge_loss:
-            raise DivergedError(
-                f"training loss reached {worst:.4g} in epoch {epoch + 1} (diverge_loss={cfg.diverge_loss:g})"
-            )
-        for callback in snell.training_callbacks(net):
-            callback.on_epoch_end(epoch, cfg.epochs)
-        mean_loss = losses.mean().item()
-        loss_curve.append(mean_loss)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}")
-    bar.close()
+    with tqdm(total=total_steps, desc=run.label, unit="step", disable=not progress, leave=False) as bar:
+        for epoch in range(cfg.epochs):
+            net.train()
+            epoch_losses = []
+            for inputs, labels in itertools.islice(train_loader, steps_per_epoch):
+                batch = (inputs.to(device), labels.to(device))
+                if memory is None and epoch_losses and device.type == "cpu":  # optimizer state exists now
+                    memory = tracked_step_memory(net, optimizer, functools.partial(record_step, batch))
+                else:
+                    tic, cpu_tic = time.perf_counter(), time.process_time()
+                    record_step(batch)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    step_times.append(time.perf_counter() - tic)
+                    step_cpu_times.append(time.process_time() - cpu_tic)
+                scheduler.step_update(epoch * steps_per_epoch + len(epoch_losses))
+                bar.update()
+            losses = torch.stack(epoch_losses).float()
+            worst = losses.max().item() if losses.isfinite().all() else float("nan")
+            if not worst <= cfg.diverge_loss:
+                raise DivergedError(
+                    f"training loss reached {worst:.4g} in epoch {epoch + 1} "
+                    f"(diverge_loss={cfg.diverge_loss:g})"
+                )
+            for callback in snell.training_callbacks(net):
+                callback.on_epoch_end(epoch, cfg.epochs)
+            mean_loss = losses.mean().item()
+            loss_curve.append(mean_loss)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}")
 
     median = median_step_time(step_times)
     metrics = {
