@@ -180,6 +180,12 @@ def apply_method(model: nn.Module, config: TuningConfig, calibration: Calibratio
         raise TypeError(f"config must come from snell.method_config(...), got {type(config).__name__}")
     if getattr(model, "tuning_config", None) is not None:
         raise ValueError(f"model already has method {model.tuning_config.method!r} applied")
+    if calibration is not None and not isinstance(calibration, Iterable):
+        hint = f"; call it: calibration={calibration.__name__}()" if callable(calibration) else ""
+        raise TypeError(
+            "calibration must be an iterable of (inputs, labels) batches, "
+            f"got {type(calibration).__name__}{hint}"
+        )
     spec = get_method(config.method)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     with unchanged_on_error(model):

@@ -229,3 +229,11 @@ def test_merge_says_when_there_is_nothing_to_merge():
     model = snell.apply_method(make_tiny_vit(), snell.method_config("full"))
     with pytest.warns(UserWarning, match="nothing to merge"):
         snell.merge(model)
+
+
+def test_a_calibration_function_passed_uncalled_is_named():
+    def batches():
+        yield from ()
+
+    with pytest.raises(TypeError, match=r"got function; call it: calibration=batches\(\)"):
+        snell.apply_method(make_tiny_vit(), snell.method_config("spt-lora"), calibration=batches)

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.datasets import load_digits
 
 from bench.data import Task, build_task, embedded, list_tasks, load_mnist_split
 from bench.data.embedded import MNIST_MEAN, MNIST_STD, build_embedded
+from bench.data.folders import image_problem
 from tests.harness import write_image, write_vtab_task
 
 EMBEDDED_SIZES = {  # name: (train, val, test, num_classes)
@@ -165,6 +167,32 @@ def test_vtab_bad_lines_and_missing_images(vtab_root: Path) -> None:
     test_list.write_text("images/test/missing.png 3\n")
     with pytest.raises(FileNotFoundError, match="missing.png"):
         build_task("vtab/eurosat", data_root=vtab_root)
+
+
+def test_every_listed_image_is_checked_before_training(vtab_root: Path) -> None:
+    task_dir = vtab_root / "eurosat"
+    (task_dir / "images/test/0007.png").unlink()  # missing
+    png = (task_dir / "images/test/0008.png").read_bytes()
+    (task_dir / "images/test/0008.png").write_bytes(png[: len(png) // 2])  # truncated
+    (task_dir / "images/test/0006.png").write_text("not an image")
+    (vtab_root / "secret.png").write_bytes(png)
+    lines = (task_dir / "test.txt").read_text() + "../secret.png 1\n"
+    (task_dir / "test.txt").write_text(lines)
+    with pytest.raises(FileNotFoundError) as err:
+        build_task("vtab/eurosat", data_root=vtab_root)
+    message = str(err.value)
+    assert "4 of the 4 images listed in" in message
+    for name, problem in [("0006", "not an image"), ("0007", "missing"), ("0008", "truncated PNG")]:
+        assert f"{name}.png: {problem}" in message
+    assert f"secret.png: outside {task_dir}" in message
+
+
+def test_a_complete_jpeg_passes_and_a_cut_one_does_not(tmp_path: Path) -> None:
+    path = tmp_path / "a.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    assert image_problem(path, tmp_path) is None
+    path.write_bytes(path.read_bytes()[:-500])
+    assert image_problem(path, tmp_path) == "truncated JPEG (no end marker)"
 
 
 FGVC_CASES = {  # name: (folder, image folder inside it)

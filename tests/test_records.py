@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,20 @@ def test_claims_exclude_live_owners_and_retake_stale_ones(tmp_path):
     assert try_claim(tmp_path, "r1")  # stale: its process is gone
     release_claim(tmp_path, "r1")
     assert not claim.exists()
+
+
+def test_a_claim_appears_whole(tmp_path, monkeypatch):
+    seen = []
+    link = os.link
+
+    def spy(source, target):  # what another process could read the moment the claim exists
+        seen.append(json.loads(Path(source).read_text()))
+        link(source, target)
+
+    monkeypatch.setattr(os, "link", spy)
+    assert try_claim(tmp_path, "r1") and not try_claim(tmp_path, "r1")
+    assert (
+        seen[0]["pid"] == os.getpid()
+        and json.loads((tmp_path / "records" / "r1.claim").read_text()) == seen[0]
+    )
+    assert sorted(p.name for p in (tmp_path / "records").iterdir()) == ["r1.claim"]  # no draft left

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
 from torchvision import transforms
@@ -100,14 +101,52 @@ def _require(path: Path, layout: str, what: str) -> None:
         raise FileNotFoundError(f"{what} not found: {path}\nExpected layout:\n{layout}")
 
 
-def _check_samples(samples: list[tuple[Path, int]], source: Path, num_classes: int, layout: str) -> None:
-    """Fail early on an empty list, out-of-range labels, or images not where the layout puts them."""
+def _check_samples(
+    samples: list[tuple[Path, int]], source: Path, num_classes: int, layout: str, folder: Path
+) -> None:
+    """Fail before any training on an empty list, out-of-range labels, or any listed image that is
+    missing, outside ``folder`` (``../``), not an image or truncated (``image_problem``); the error names
+    how many and the first few."""
     if not samples:
         raise ValueError(f"{source} lists no images")
     bad = [label for _, label in samples if not 0 <= label < num_classes]
     if bad:
         raise ValueError(f"{source}: label {bad[0]} outside [0, {num_classes})")
-    _require(samples[0][0], layout, f"first image listed in {source}")
+    problems = [f"{path}: {problem}" for path, _ in samples if (problem := image_problem(path, folder))]
+    if problems:
+        shown = "\n  ".join(problems[:SHOWN_PROBLEMS])
+        more = f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        raise FileNotFoundError(
+            f"{len(problems)} of the {len(samples)} images listed in {source} cannot be used:"
+            f"\n  {shown}{more}\nExpected layout:\n{layout}"
+        )
+
+
+SHOWN_PROBLEMS = 5
+IMAGE_ENDS = {"JPEG": (b"\xff\xd9",), "PNG": (b"IEND\xaeB`\x82",)}
+"""The bytes a complete JPEG or PNG file ends with (JPEGs may carry a few padding bytes after them)."""
+
+
+def image_problem(path: Path, folder: Path) -> str | None:
+    """Why ``path`` cannot be a training image of ``folder``, or None: missing, outside the folder, not an
+    image PIL can read, or (JPEG, PNG) cut short. Reads the header and the last bytes only."""
+    if not path.resolve().is_relative_to(folder.resolve()):
+        return f"outside {folder}"
+    if not path.is_file():
+        return "missing"
+    try:
+        with Image.open(path) as image:
+            kind = image.format
+    except (OSError, SyntaxError) as err:  # PIL raises these for unreadable or non-image files
+        return f"not an image ({err})"
+    ends = IMAGE_ENDS.get(kind)
+    if ends:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 32))
+            tail = f.read()
+        if not any(end in tail for end in ends):
+            return f"truncated {kind} (no end marker)"
+    return None
 
 
 def _read_vtab_list(path: Path, task_dir: Path) -> list[tuple[Path, int]]:
@@ -145,7 +184,7 @@ def build_retention(
     list_path = folder / "retention.txt"
     _require(list_path, RETENTION_LAYOUT, "retention list")
     samples = _read_vtab_list(list_path, folder)
-    _check_samples(samples, list_path, num_classes, RETENTION_LAYOUT)
+    _check_samples(samples, list_path, num_classes, RETENTION_LAYOUT, folder)
     return ImageListDataset(samples, _vtab_transform(img_size or DEFAULT_IMG_SIZE, mean, std))
 
 
@@ -183,7 +222,7 @@ def build_vtab(
         list_path = task_dir / list_name
         _require(list_path, VTAB_LAYOUT, "VTAB-1k split list")
         samples = _read_vtab_list(list_path, task_dir)
-        _check_samples(samples, list_path, num_classes, VTAB_LAYOUT)
+        _check_samples(samples, list_path, num_classes, VTAB_LAYOUT, task_dir)
         splits.append(ImageListDataset(samples, transform))
     train, val, test = splits
     return Task(
@@ -246,7 +285,7 @@ def build_fgvc(
     splits = {}
     for split, (json_path, anno) in annotations.items():
         samples = [(image_dir / path, contiguous[int(c)]) for path, c in anno.items()]
-        _check_samples(samples, json_path, spec.num_classes, FGVC_LAYOUT)
+        _check_samples(samples, json_path, spec.num_classes, FGVC_LAYOUT, image_dir)
         splits[split] = ImageListDataset(samples, train_transform if split == "train" else eval_transform)
     return Task(
         name=f"fgvc/{dataset}",

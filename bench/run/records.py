@@ -113,23 +113,27 @@ def _is_stale(path: Path) -> bool:
 
 
 def try_claim(results: str | Path, run_id: str) -> bool:
-    """Claim a run for this process; False if another live process holds it."""
+    """Claim a run for this process; False if another live process holds it. A claim appears whole
+    (written beside it, then hard-linked into place, which fails if one exists), so an empty or half
+    written claim file is never seen; one that cannot be read is stale."""
     path = _claim_path(results, run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if not _is_stale(path):
-                return False
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            continue
-        owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": dt.datetime.now().isoformat()}
-        with os.fdopen(fd, "w") as f:
-            json.dump(owner, f)
-        return True
-    return False
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": dt.datetime.now().isoformat()}
+    draft = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    draft.write_text(json.dumps(owner))
+    try:
+        for _ in range(2):
+            try:
+                os.link(draft, path)
+                return True
+            except FileExistsError:
+                if not _is_stale(path):
+                    return False
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        return False
+    finally:
+        draft.unlink()
 
 
 def release_claim(results: str | Path, run_id: str) -> None:
