@@ -37,6 +37,7 @@ pretrain: $(STAMP)
 
 memory: $(STAMP)
 	$(PY) -m bench memory-sweep --results results/memory
+	$(PY) -m bench memory-timeline --results results/memory
 
 llm-memory: $(STAMP)
 	$(PY) -m bench llm-memory --results results/memory

@@ -40,6 +40,8 @@ LLM_MEMORY_METHODS = (
 LLM_MEMORY_BATCH_SIZE = 16
 LLM_MEMORY_SEQ_LEN = 256
 """The commonsense recipe's micro batch and cutoff length (NVlabs/DoRA ``llama2_7B_DoRA.sh``)."""
+TIMELINE_METHODS = ("full", "lora", "snell", "gps")
+"""The memory timeline's methods (``bench.memory.timeline.TIMELINE_PRESETS``)."""
 CHECKPOINTING = ("off", "on")
 """Gradient (activation) checkpointing of every decoder layer, off or on."""
 FROZEN_DTYPES = ("fp32", "bf16")
@@ -225,6 +227,31 @@ def _memory_sweep(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _memory_timeline(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", type=Path, default=Path("results/memory"), help="output directory")
+    p.add_argument("--backbone", default="vit_base_patch16_224", help="timm model name (random weights)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=TIMELINE_METHODS,
+        default=list(TIMELINE_METHODS),
+        help="full; lora, snell: rank 8; gps (the presets full, lora-8, snell-8, gps of bench.methods)",
+    )
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 = bf16 autocast")
+    p.add_argument(
+        "--attention",
+        choices=ATTENTIONS,
+        default="explicit",
+        help="explicit: as the public SNELL / GPS code (the paper's figures); fused: timm's default",
+    )
+
+
+def _check_memory_timeline(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+
+
 def _perf_step(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--results", type=Path, default=Path("results/perf"), help="output folder (CSV + markdown)"
@@ -370,6 +397,12 @@ COMMANDS = {
     ),
     "memory-sweep": Command(
         "bench.memory.sweep", "memory estimates over models x batches x methods, with figures", _memory_sweep
+    ),
+    "memory-timeline": Command(
+        "bench.memory.timeline",
+        "allocated memory through one training step (forward, backward, optimizer) per method, with a figure",
+        _memory_timeline,
+        _check_memory_timeline,
     ),
     "llm-memory": Command(
         "bench.memory.llm_sweep",

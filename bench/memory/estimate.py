@@ -282,6 +282,7 @@ def step_memory(
     measure_on: str | None = None,
     code_path_of: str = "cuda",
     attention: str = "fused",
+    tracker: StepMemoryTracker | None = None,
 ) -> MemoryEstimate:
     """Peak memory of one training step of ``model_name`` tuned by ``config``: a timm model, or a causal
     LM of ``bench.llm.models`` on ``seq_len`` tokens per sample (with ``gradient_checkpointing`` if asked).
@@ -294,9 +295,13 @@ def step_memory(
     before; CUDA: ``torch.cuda.max_memory_allocated``): for small models, or on a GPU.
     ``img_size`` overrides an image model's input size; ``attention`` is ``bench.backbones.set_attention``'s
     (a causal LM: "fused" = transformers' sdpa, "explicit" = its eager attention); ``frozen_dtype`` stores
-    the model's weights (what trains stays float32). ValueError names a bad value (``_check_args``).
+    the model's weights (what trains stays float32). An estimate runs under ``tracker`` (default: a new
+    ``StepMemoryTracker``; ``bench.memory.timeline`` passes one that also records the bytes after every op).
+    ValueError names a bad value (``_check_args``).
     """
     _check_args(model_name, precision, batch_size, attention, seq_len, gradient_checkpointing, frozen_dtype)
+    if tracker is not None and measure_on is not None:
+        raise ValueError(f"tracker is for estimates; measure_on={measure_on!r} measures instead")
     shape = (img_size, num_classes)
     kind = {"gradient_checkpointing": gradient_checkpointing, "frozen_dtype": frozen_dtype}
     if measure_on is not None:
@@ -313,7 +318,7 @@ def step_memory(
         setup = _setup(model, config, img_size, seq_len, gradient_checkpointing, frozen_dtype)
         if code_path_of == "cuda":
             _dropout_as_on_cuda(setup.model)
-        tracker = StepMemoryTracker()
+        tracker = StepMemoryTracker() if tracker is None else tracker
         tracker.track_external(setup.model, setup.optimizer)
         with tracker:
             _train_step(setup, batch_size, precision)

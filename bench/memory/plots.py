@@ -1,4 +1,5 @@
-"""The memory figures: peak memory against model size per method, and a per-category breakdown."""
+"""The memory figures: peak memory against model size per method, a per-category breakdown, the LLM
+sweep's peaks and the memory timeline of one step."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 CATEGORY_COLUMNS = {
     "params_mib": "parameters",
@@ -106,4 +110,87 @@ def plot_llm_memory(estimates: pd.DataFrame, path: Path) -> None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+
+
+PHASE_COLOURS = {"forward": "#e8eef8", "backward": "#fbeee0", "optimizer": "#e6f2e6"}
+"""Background of each phase of the step in the timeline figure."""
+
+
+def _phase_spans(ax: plt.Axes, points: pd.DataFrame) -> None:
+    """Shade each phase of one method's step (from its first point to the next phase's first) and name it
+    at the top (right-aligned in a narrow span, so the name stays inside the axes)."""
+    starts = points.groupby("phase", sort=False).progress.min().sort_values()
+    ends = [*starts.iloc[1:], points.progress.max()]
+    for (phase, start), end in zip(starts.items(), ends, strict=True):
+        ax.axvspan(start, end, color=PHASE_COLOURS.get(phase, "#eeeeee"), zorder=0, lw=0)
+        narrow = end - start < 0.1
+        x, align = (end - 0.004, "right") if narrow else ((start + end) / 2, "center")
+        ax.text(x, 0.96, phase, transform=ax.get_xaxis_transform(), ha=align, va="top", fontsize=8,
+                color="dimgrey")  # fmt: skip
+
+
+def _mark(ax: plt.Axes, x: float, mib: float, marker: str, text: str) -> None:
+    """A black marker at (x, mib) with a note to its right."""
+    ax.plot(x, mib, marker, color="black", ms=6)
+    ax.annotate(text, (x, mib), textcoords="offset points", xytext=(7, 2), va="bottom", fontsize=8)
+
+
+def _mark_at_end(ax: plt.Axes, x: float, mib: float, text: str, above: float) -> None:
+    """A black marker at (x, mib) near the right edge, its note to the left at height ``above`` (MiB: over
+    the curve there), with an arrow when the note is not beside the marker."""
+    ax.plot(x, mib, "^", color="black", ms=6)
+    arrow = {"arrowstyle": "-", "color": "dimgrey", "lw": 0.8} if above > mib else None
+    ax.annotate(text, (x, mib), xytext=(x - 0.012, max(above, mib)), ha="right", va="bottom", fontsize=8,
+                arrowprops=arrow)  # fmt: skip
+
+
+def _timeline_panel(ax: plt.Axes, curve: pd.DataFrame, row, colour, name: str, top: float) -> None:  # noqa: ANN001
+    """One method's curve with its phases, its peak and the optimizer phase's highest point (``top``: the
+    y axis' limit, MiB)."""
+    _phase_spans(ax, curve)
+    ax.plot(curve.progress, curve.mib, color=colour, lw=1.2)
+    ax.fill_between(curve.progress, curve.mib, color=colour, alpha=0.12, lw=0)
+    _mark(ax, row.peak_progress, row.peak_mib, "v", f"peak {row.peak_mib:,.0f} MiB ({row.peak_phase})")
+    step = curve[curve.phase == "optimizer"]
+    if row.peak_phase != "optimizer" and not step.empty:
+        high = step.loc[step.mib.idxmax()]
+        above = curve[curve.progress >= 0.7].mib.max() + 0.04 * top  # clear of the curve under the note
+        _mark_at_end(ax, high.progress, high.mib, f"optimizer step's highest {high.mib:,.0f} MiB", above)
+    ax.text(0.006, 0.8, name, transform=ax.transAxes, fontsize=9, fontweight="bold", color=colour)
+    ax.set_ylabel("allocated MiB")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_memory_timeline(
+    points: pd.DataFrame,
+    methods: pd.DataFrame,
+    path: Path,
+    *,
+    title: str,
+    names: dict[str, str],
+    colours: dict[str, str],
+) -> None:
+    """One panel per method (rows of ``methods``, same y scale): MiB live against progress through the
+    step (``points``: method, progress, mib, phase), phases shaded and named, the peak marked, and the
+    optimizer step's highest point where the peak is elsewhere; ``names`` and ``colours`` by method."""
+    fig, axes = plt.subplots(
+        len(methods), 1, figsize=(10, 1.9 * len(methods) + 1.4), sharex=True, sharey=True
+    )
+    axes = np.atleast_1d(axes)
+    top = methods.peak_mib.max() * 1.3
+    for ax, row in zip(axes, methods.itertuples(), strict=True):
+        curve = points[points.method == row.method].sort_values("progress")
+        _timeline_panel(ax, curve, row, colours[row.method], names.get(row.method, row.method), top)
+    axes[-1].set(xlim=(0, 1), ylim=(0, top))
+    axes[-1].set_xlabel("progress through the step (op index / ops in the step)")
+    handles = [Line2D([], [], color=colours[m], lw=2) for m in methods.method]
+    handles += [Line2D([], [], marker=m, color="black", ls="") for m in ("v", "^")]
+    labels = [*(names.get(m, m) for m in methods.method), "peak of the step", "optimizer step's highest"]
+    handles += [Patch(color=colour) for colour in PHASE_COLOURS.values()]
+    labels += list(PHASE_COLOURS)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=5, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)

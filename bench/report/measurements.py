@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.report.llm_memory import render_llm_memory
-from bench.report.memory import render_memory_sweep
+from bench.report.memory import render_memory_sweep, render_memory_timeline
 from bench.run.measurements import KINDS, measurement_path, read_measurement
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -23,6 +23,7 @@ REPORT_NAMES = {
     "perf-step": "perf_step.md",
     "perf-inference": "perf_inference.md",
     "memory-sweep": "memory_vs_paper.md",
+    "memory-timeline": "memory_timeline.md",
     "llm-memory": "llm_memory.md",
     "gpu-check": "gpu_check.md",
     "gpu-smoke": "gpu_smoke.md",
@@ -292,6 +293,7 @@ def render_fused_compile(record: dict, tables: dict[str, pd.DataFrame], folder: 
 RENDERERS: dict[str, Callable[[dict, dict[str, pd.DataFrame], Path], dict[str, str]]] = {
     "perf-step": render_perf_step,
     "memory-sweep": render_memory_sweep,
+    "memory-timeline": render_memory_timeline,
     "llm-memory": render_llm_memory,
     "perf-inference": render_perf_inference,
     "gpu-check": render_gpu_check,

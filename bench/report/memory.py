@@ -1,4 +1,5 @@
-"""The memory sweep's report: ``memory.csv``, two figures and ``memory_vs_paper.md`` from its record.
+"""The memory sweep's report: ``memory.csv``, two figures and ``memory_vs_paper.md`` from its record; and
+the memory timeline's: ``memory_timeline.png`` and ``memory_timeline.md`` (``render_memory_timeline``).
 
 Our estimates beside the SNELL paper's table and the paper's claims as ratios of peaks (both with the public
 code's explicit attention, as the paper measured), what timm's fused attention saves, every method's peak,
@@ -7,6 +8,7 @@ and real CUDA peaks (the sweep's ``--measure`` rows, or the ``bench gpu-check`` 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +16,8 @@ import pandas as pd
 from bench.arguments import ATTENTIONS
 from bench.memory.estimate import ESTIMATE_DEVICE
 from bench.memory.paper import METHODS, MODELS, PAPER_ATTENTION, PAPER_BATCH, PAPER_MB
-from bench.memory.plots import plot_breakdown, plot_memory_vs_model_size
+from bench.memory.plots import plot_breakdown, plot_memory_timeline, plot_memory_vs_model_size
+from bench.report.plots import family_colour, method_family
 from bench.run.measurements import read_measurement
 
 
@@ -175,4 +178,56 @@ def render_memory_sweep(record: dict, tables: dict[str, pd.DataFrame], folder: P
         else "(this sweep has one attention only)",
         "table_peaks": peaks(estimates).map(_mib).reset_index().to_markdown(index=False),
         "table_measured": "(none)" if measured.empty else measured_table(measured, estimates),
+    }
+
+
+TIMELINE_NAMES = {"full": "full fine-tuning", "lora-8": "LoRA-8", "snell-8": "SNELL-8", "gps": "GPS"}
+"""The memory timeline's presets -> their names in its figure and table."""
+
+
+def timeline_table(methods: pd.DataFrame) -> str:
+    """Per method of a memory timeline: trainable parameters, ops, MiB at the start, at the end of the
+    forward pass, at the peak (with its phase and place in the step) and after the step."""
+    table = pd.DataFrame({
+        "method": methods.method.map(lambda m: TIMELINE_NAMES.get(m, m)),
+        "trainable params": methods.trainable_params,
+        "ops": methods.ops,
+        "resident at start (MiB)": methods.start_mib,
+        "end of forward (MiB)": methods.end_forward_mib,
+        "peak (MiB)": methods.peak_mib,
+        "phase of the peak": methods.peak_phase,
+        "peak at (share of the step's ops)": methods.peak_progress,
+        "after the step (MiB)": methods.end_mib,
+    })  # fmt: skip
+    floats = ("", "", "", ",.1f", ",.1f", ",.1f", "", ".3f", ",.1f")
+    return table.to_markdown(index=False, floatfmt=floats, intfmt=",")
+
+
+def timeline_colours(methods: pd.DataFrame) -> dict[str, str]:
+    """Each method's colour: its family's (``bench.report.plots.family_colour``), as in every figure."""
+    configs = methods.set_index("method").config.map(json.loads)
+    return {method: family_colour(method_family(c["method"], c)) for method, c in configs.items()}
+
+
+def render_memory_timeline(record: dict, tables: dict[str, pd.DataFrame], folder: Path) -> dict[str, str]:
+    """Write ``memory_timeline.png``; return the template's fields."""
+    settings = record["settings"]
+    setting = (
+        f"{settings['backbone']}, batch {settings['batch_size']}, {settings['precision']}, "
+        f"{settings['attention']} attention"
+    )
+    methods = tables["methods"]
+    last_op = tables["points"].method.map(methods.set_index("method").ops + 1)
+    plot_memory_timeline(
+        tables["points"].assign(progress=tables["points"].op / last_op),
+        methods,
+        folder / "memory_timeline.png",
+        title=f"Memory through one training step: {setting} (fake-tensor estimate, tensor bytes)",
+        names=TIMELINE_NAMES,
+        colours=timeline_colours(methods),
+    )
+    return {
+        "setting": setting,
+        "max_points": f"{settings['max_points']:,}",
+        "table_methods": timeline_table(methods),
     }

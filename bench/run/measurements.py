@@ -26,6 +26,7 @@ KINDS = (
     "perf-step",
     "perf-inference",
     "memory-sweep",
+    "memory-timeline",
     "llm-memory",
     "gpu-check",
     "gpu-smoke",
