@@ -12,7 +12,15 @@ from bench.run.config import RunConfig, TrainConfig
 from bench.run.records import SCHEMA_VERSION, record_path, write_record
 
 
-def write_run(results: Path, task: str, seed: int, method: str, status: str = "ok", **options) -> None:
+def write_run(
+    results: Path,
+    task: str,
+    seed: int,
+    method: str,
+    status: str = "ok",
+    retention: float | None = None,
+    **options,
+) -> None:
     run = RunConfig(task, method, seed, options, TrainConfig(epochs=1))
     ok = status == "ok"
     write_record(record_path(results, run.run_id), {
@@ -24,7 +32,10 @@ def write_run(results: Path, task: str, seed: int, method: str, status: str = "o
         "provenance": {"device": "synthetic", "git_commit": "0" * 40},
         "status": status,
         "error": None if ok else "ValueError: rank 200 does not fit",
-        "metrics": {"val_acc": 50.0 + seed, "test_acc": 40.0 + seed, "peak_memory_mib": 30.0} if ok else {},
+        "metrics": {} if not ok else {
+            "val_acc": 50.0 + seed, "test_acc": 40.0 + seed, "peak_memory_mib": 30.0,
+            "retention_acc": retention,
+        },
     })  # fmt: skip
 
 
@@ -55,3 +66,16 @@ def test_paired_differences_fall_back_to_the_method_with_most_runs(tmp_path: Pat
     tables = (tmp_path / "tables" / "results.md").read_text()
     assert "Paired differences are from linear (lora-8 has no successful run)." in tables
     assert "## Difference from linear in test top-1" in tables and "| OOM " in tables
+
+
+def test_retention_column_and_figure(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        write_run(tmp_path, "digits", seed, "linear", retention=96.0)
+        write_run(tmp_path, "digits", seed, "full", retention=80.0 + 2 * seed)
+    build_report(tmp_path)
+    tables = (tmp_path / "tables" / "results.md").read_text()
+    methods = tables.split("## Methods x tasks", 1)[1].split("\n## ", 1)[0].splitlines()
+    assert "retention (%)" in next(line for line in methods if line.startswith("| method"))
+    rows = {line.split("|")[1].strip(): line for line in methods if line.startswith("| ")}
+    assert "| 81.0 " in rows["full"] and "| 96.0 " in rows["linear"]
+    assert (tmp_path / "figures" / "retention.png").stat().st_size > 0

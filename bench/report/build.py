@@ -17,6 +17,7 @@ from scipy import stats
 
 from bench.arguments import parse
 from bench.llm.commonsense import COMMONSENSE_TASKS, is_commonsense_task
+from bench.report.plots import method_family
 from bench.run.config import TRAIN_DEFAULTS
 from bench.run.records import failure_text, load_records
 
@@ -41,6 +42,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "label": r["label"],
             "task": r["config"]["task"],
             "method": r["config"]["method"],
+            "family": method_family(r["config"]["method"], method_cfg),
             "seed": r["config"]["seed"],
             "kernel": method_cfg.get("kernel"),
             "rank": method_cfg.get("rank"),
@@ -270,12 +272,19 @@ def write_markdown(tables: dict[str, pd.DataFrame], path: Path, header: str) -> 
     parts = [header]
     for title, table in tables.items():
         if not table.empty:
-            parts += [f"## {title}", "", table.reset_index().to_markdown(index=False), ""]
+            parts += [
+                f"## {title}",
+                "",
+                table.reset_index().to_markdown(index=False, disable_numparse=True),
+                "",
+            ]
     path.write_text("\n".join(parts))
 
 
 def build_report(results: str | Path) -> pd.DataFrame:
-    """Write summary.csv, runs.csv, tables/*.md and figures/*.png under ``results``; returns the summary."""
+    """Write summary.csv, runs.csv, tables/*.md, figures/*.png and index.html (the results page) under
+    ``results``; returns the summary."""
+    from bench.report.html import write_results_page
     from bench.report.paper import paper_comparison
     from bench.report.plots import draw_all
 
@@ -336,6 +345,7 @@ def build_report(results: str | Path) -> pd.DataFrame:
     write_markdown(tables, results / "tables" / "results.md", header)
     draw_all(df, results / "figures")
     print(f"report: {results / 'summary.csv'}, {results / 'tables' / 'results.md'}, {results / 'figures'}/")
+    print(f"report: {write_results_page(results, df, summary, tables)}")
     return summary
 
 
