@@ -307,7 +307,7 @@ def _perf_inference(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=64, help="pixels (the step benchmark's ViT, patch 8)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--warmup", type=int, default=2, help="untimed forward passes per model")
-    p.add_argument("--rounds", type=int, default=25, help="timed forward passes per model, taking turns")
+    p.add_argument("--rounds", type=int, default=41, help="timed forward passes per model, taking turns")
 
 
 def _check_perf_inference(args: argparse.Namespace) -> None:

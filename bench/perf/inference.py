@@ -4,7 +4,7 @@ unmerged adapter, side by side (the paper's claim: SNELL, like LoRA, adds no inf
 Each adapter's factors are set to random values first (a freshly initialised LoRA-8 has a zero update,
 which would make its merge trivial); ``snell.merge`` then folds them into plain ``nn.Linear`` weights.
 The models are warmed up, then take turns batch by batch under ``torch.inference_mode`` (``rounds``
-rounds; each model's time is the median of its rounds), so drift on the machine hits them alike. The
+rounds, each starting with the next model; each model's time is the median of its rounds), so drift on the machine hits them alike. The
 table also gives each merged model's largest output difference from its unmerged adapter.
 
 On the CPU (``make perf``): the step benchmark's ViT (embed 384, depth 6, patch 8) at 64 px, batch 32,
@@ -76,9 +76,10 @@ def images_per_second(models: dict[str, nn.Module], images: Tensor, warmup: int,
         for _ in range(warmup):
             _forward(model, images)
     times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            times[name].append(_forward(model, images))
+    names = list(models)
+    for done in range(rounds):  # each round starts with the next model: no model always goes first
+        for name in names[done % len(names) :] + names[: done % len(names)]:
+            times[name].append(_forward(models[name], images))
     outputs = {name: model(images).float() for name, model in models.items()}
     frozen = statistics.median(times["frozen"])
     rows = []
