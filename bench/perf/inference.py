@@ -4,8 +4,9 @@ unmerged adapter, side by side (the paper's claim: SNELL, like LoRA, adds no inf
 Each adapter's factors are set to random values first (a freshly initialised LoRA-8 has a zero update,
 which would make its merge trivial); ``snell.merge`` then folds them into plain ``nn.Linear`` weights.
 The models are warmed up, then take turns batch by batch under ``torch.inference_mode`` (``rounds``
-rounds, each starting with the next model; each model's time is the median of its rounds), so drift on the machine hits them alike. The
-table also gives each merged model's largest output difference from its unmerged adapter.
+rounds, in a new random order each; each model's time is the median of its rounds), so drift on the
+machine and what ran just before hit them alike. The table also gives each merged model's largest
+output difference from its unmerged adapter.
 
 On the CPU (``make perf``): the step benchmark's ViT (embed 384, depth 6, patch 8) at 64 px, batch 32,
 one thread (its first setting, 2080 tokens); ``bench.perf.gpu_check`` adds the same table for
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -76,9 +78,9 @@ def images_per_second(models: dict[str, nn.Module], images: Tensor, warmup: int,
         for _ in range(warmup):
             _forward(model, images)
     times = {name: [] for name in models}
-    names = list(models)
-    for done in range(rounds):  # each round starts with the next model: no model always goes first
-        for name in names[done % len(names) :] + names[: done % len(names)]:
+    order = random.Random(0)
+    for _ in range(rounds):  # a new order each round: no model always goes first or follows another
+        for name in order.sample(list(models), len(models)):
             times[name].append(_forward(models[name], images))
     outputs = {name: model(images).float() for name, model in models.items()}
     frozen = statistics.median(times["frozen"])
