@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from snell.registry import Calibration, TuningConfig, register_method
-from snell.wrap import freeze_all_but_head
+from snell.core.registry import Calibration, TuningConfig, register_method
+from snell.core.wrap import freeze_all_but_head
 
 
 @dataclass(frozen=True)

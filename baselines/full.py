@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from snell.registry import Calibration, TuningConfig, register_method
+from snell.core.registry import Calibration, TuningConfig, register_method
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ mask of every weight ("bool", the default: one byte per entry, masked by one ``t
 code keeps a float32 mask ("float32": 4 bytes per entry, the layout whose memory the SNELL paper reports)
 or only the selected indices ("indices": no mask; a gather and a scatter into a fresh zero gradient per
 step). All three train the same entries to the same values; only memory and kernels differ. The default
-is ours, as SNELL's is (``snell/layer.py``): each method in its leanest standard layout by default, the
+is ours, as SNELL's is (``snell/tuners/snell/layer.py``): each method in its leanest standard layout by
+default, the
 public code's layout as an option, so that memory comparisons are not skewed by one method's overheads.
 """
 
@@ -30,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from snell.calibration import LOSSES, gradient_sums
-from snell.families import trains_head
-from snell.registry import Calibration, TuningConfig, exclude_from_weight_decay, register_method
-from snell.validation import check_targets
-from snell.wrap import (
+from snell.core.calibration import LOSSES, gradient_sums
+from snell.core.families import trains_head
+from snell.core.registry import Calibration, TuningConfig, exclude_from_weight_decay, register_method
+from snell.core.validation import check_targets
+from snell.core.wrap import (
     DEFAULT_TARGETS,
     AdaptedLinear,
     check_patterns_match,
@@ -138,7 +139,7 @@ class GpsConfig(TuningConfig):
 
     k: input connections selected per output neuron (the public scripts: 1 on most VTAB tasks, 2 on
     patch_camelyon; FGVC cub 2, nabirds 20, flowers 1, cars 15, dogs 1). loss: of the selection pass,
-    'cross_entropy' or 'supcon' (the code's supervised-contrastive variant, see ``snell.calibration``).
+    'cross_entropy' or 'supcon' (the code's supervised-contrastive variant, see ``snell.core.calibration``).
     calibration_batches: batches summed for selection (None: every batch given, as the code's one pass
     over the training set). targets: globs over nn.Linear names. train_bias: every bias outside the norms
     trains. mask: 'bool' (1 byte per weight entry), 'float32' (the code's, 4 bytes) or 'indices' (module doc).

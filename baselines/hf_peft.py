@@ -45,11 +45,11 @@ from peft.utils import PeftType
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from snell.callbacks import TrainingCallback
-from snell.families import trains_head
-from snell.registry import Calibration, TuningConfig, register_method
-from snell.validation import check_rank
-from snell.wrap import (
+from snell.core.callbacks import TrainingCallback
+from snell.core.families import trains_head
+from snell.core.registry import Calibration, TuningConfig, register_method
+from snell.core.validation import check_rank
+from snell.core.wrap import (
     DEFAULT_TARGETS,
     classifier,
     freeze_all_but_head,

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from snell.registry import Calibration, TuningConfig, register_method
-from snell.validation import check_probability, check_rank, check_targets
-from snell.wrap import (
+from snell.core.registry import Calibration, TuningConfig, register_method
+from snell.core.validation import check_probability, check_rank, check_targets
+from snell.core.wrap import (
     DEFAULT_TARGETS,
     NO_DROPOUT_TARGETS,
     AdaptedLinear,
@@ -31,7 +31,7 @@ class LoraLinear(AdaptedLinear):
     the public SNELL code's separate layers): ``lora_A`` stacks them (groups r x in), and block k of the
     output is B_k A_k x. With one group this is PEFT's LoRA exactly.
 
-    ``drop_path`` > 0 drops the branch's output per sample (``snell.wrap.BranchDropPath``, scaled by
+    ``drop_path`` > 0 drops the branch's output per sample (``snell.core.wrap.BranchDropPath``, scaled by
     1 / (1 - p) when kept), with one draw per sample for each of ``drop_path_groups`` blocks of output
     rows (default ``groups``; 3 on a fused qkv: q, k and v apart), after the branch's input dropout: the
     public code's ``drop_path(lora(dropout(x)))``, draws in the same order.

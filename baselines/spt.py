@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from snell.calibration import gradient_sums
-from snell.families import head_module
-from snell.registry import Calibration, TuningConfig, register_method
-from snell.validation import check_probability, check_rank, check_rank_fits, check_targets
-from snell.wrap import (
+from snell.core.calibration import gradient_sums
+from snell.core.families import head_module
+from snell.core.registry import Calibration, TuningConfig, register_method
+from snell.core.validation import check_probability, check_rank, check_rank_fits, check_targets
+from snell.core.wrap import (
     DEFAULT_TARGETS,
     AdaptedLinear,
     freeze_all_but_head,

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.arguments import PRECISIONS
-from snell.callbacks import training_callbacks
-from snell.families import causal_lm_loss, output_logits
+from snell.core.callbacks import training_callbacks
+from snell.core.families import causal_lm_loss, output_logits
 
 
 def check_precision(precision: str) -> None:
@@ -30,7 +30,7 @@ def autocast(device_type: str, precision: str) -> AbstractContextManager:
 
 def next_token_loss(output: object, labels: Tensor) -> Tensor:
     """A causal LM's training loss (``loss_fn`` of ``train_step``): the next-token cross-entropy of its
-    output's logits (``snell.families.causal_lm_loss``; labels -100 ignored)."""
+    output's logits (``snell.core.families.causal_lm_loss``; labels -100 ignored)."""
     return causal_lm_loss(output_logits(output), labels)
 
 

@@ -7,11 +7,9 @@ snell.apply_method(model, snell.method_config("snell", rank=8, kernel="piecewise
 
 import baselines as _baselines  # noqa: F401  (registers full, linear, bitfit, lora, spt-lora)
 
-from . import model as _snell_method  # noqa: F401  (registers "snell")
-from .adapter import adapter_size_bytes, count_trainable, count_tuned, load_adapter, save_adapter
-from .callbacks import TrainingCallback, training_callbacks
-from .kernels import Kernel, build_kernel, list_kernels, register_kernel
-from .registry import (
+from .core.adapter import adapter_size_bytes, count_trainable, count_tuned, load_adapter, save_adapter
+from .core.callbacks import TrainingCallback, training_callbacks
+from .core.registry import (
     TuningConfig,
     apply_method,
     config_fields,
@@ -22,8 +20,10 @@ from .registry import (
     no_weight_decay,
     register_method,
 )
-from .sparsify import sparsify, threshold
-from .wrap import AdaptedLinear, merge
+from .core.wrap import AdaptedLinear, merge
+from .tuners.snell import model as _snell_method  # noqa: F401  (registers "snell")
+from .tuners.snell.kernels import Kernel, build_kernel, list_kernels, register_kernel
+from .tuners.snell.sparsify import sparsify, threshold
 
 __all__ = [
     "AdaptedLinear",

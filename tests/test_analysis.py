@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from snell.analysis import RANK_RTOL, fit_kernel_factors, numerical_rank, random_target, relative_error
+from snell.tuners.snell.analysis import (
+    RANK_RTOL,
+    fit_kernel_factors,
+    numerical_rank,
+    random_target,
+    relative_error,
+)
 
 
 def test_numerical_rank_counts_singular_values_above_tolerance():

@@ -1,8 +1,8 @@
 """The layout stays a layered graph: no import cycle among snell, baselines and bench (read with ast).
 
 Every import statement counts, at module level or inside a function: a lazy import is still a
-dependency. An edge goes to the most specific project module named (``from snell.wrap import x`` ->
-``snell.wrap``); a package's ``__init__`` is its own node.
+dependency. An edge goes to the most specific project module named (``from snell.core.wrap import x`` ->
+``snell.core.wrap``); a package's ``__init__`` is its own node.
 """
 
 import ast
@@ -78,8 +78,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycle_in_the_project():
     graph = import_graph()
-    assert {"snell.registry", "baselines.lora", "bench.run.runner"} <= set(graph)
-    assert "snell.registry" in graph["baselines.lora"]  # edges are found
+    assert {"snell.core.registry", "baselines.lora", "bench.run.runner"} <= set(graph)
+    assert "snell.core.registry" in graph["baselines.lora"]  # edges are found
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
@@ -92,8 +92,14 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_method_framework_is_neutral():
     """The framework modules every method imports import no method (SNELL's or a baseline)."""
     graph = import_graph()
-    neutral = ("snell.registry", "snell.validation", "snell.wrap", "snell.adapter")
-    methods = {"snell.config", "snell.model", "snell.layer", "snell.kernels", "snell.sparsify"}
+    neutral = ("snell.core.registry", "snell.core.validation", "snell.core.wrap", "snell.core.adapter")
+    methods = {
+        "snell.tuners.snell.config",
+        "snell.tuners.snell.model",
+        "snell.tuners.snell.layer",
+        "snell.tuners.snell.kernels",
+        "snell.tuners.snell.sparsify",
+    }
     methods |= {m for m in graph if m.startswith("baselines")}
     for module in neutral:
         assert not graph[module] & methods, (module, graph[module] & methods)

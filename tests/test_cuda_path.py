@@ -1,4 +1,5 @@
-"""SNELL's CUDA code path (the fused Triton ops of ``snell.fused``), run on CPU tensors in Triton's
+"""SNELL's CUDA code path (the fused Triton ops of ``snell.tuners.snell.fused``), run on CPU tensors in
+Triton's
 interpreter: the same outputs and gradients as the CPU path, and few ops per layer.
 
 The interpreter must be switched on before triton is imported, so the checks run in a subprocess.
@@ -22,8 +23,8 @@ import contextlib, json, sys
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from snell.kernels import build_kernel
-from snell.layer import SnellLinear, code_path
+from snell.tuners.snell.kernels import build_kernel
+from snell.tuners.snell.layer import SnellLinear, code_path
 
 SKIPPED = {"empty", "empty_like", "empty_strided", "detach", "lift_fresh", "_to_copy"}
 

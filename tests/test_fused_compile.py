@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 from bench.perf.fused_compile import RANKS, TARGETS, Spec, compile_spec, ptxas_usage, specs
 from bench.run.measurements import read_measurement
-from snell.fused import RULE_IDS
+from snell.tuners.snell.fused import RULE_IDS
 from tests.harness import REPO
 
 PTXAS_LOG = """ptxas info    : 0 bytes gmem

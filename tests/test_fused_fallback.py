@@ -1,7 +1,8 @@
 """The fused path degrades instead of failing: a kernel that does not compile turns the fused ops off with
 one warning, and training goes on with torch's CUDA ops to the same results.
 
-The failure is real: ``snell.fused.BI`` (columns per tile) set to 48 makes Triton refuse both kernels
+The failure is real: ``snell.tuners.snell.fused.BI`` (columns per tile) set to 48 makes Triton refuse
+both kernels
 (``tl.arange`` needs a power of two). The kernels run on CPU tensors in Triton's interpreter, which must
 be switched on before triton is imported, so the training runs in a subprocess.
 """
@@ -16,16 +17,16 @@ import sys
 import pytest
 import torch
 
-from snell import fused
+from snell.tuners.snell import fused
 from tests.harness import REPO
 
 SCRIPT = r"""
 import json, sys, warnings
 import torch
 from torch import nn
-from snell import fused
-from snell.kernels import build_kernel
-from snell.layer import SnellLinear, code_path
+from snell.tuners.snell import fused
+from snell.tuners.snell.kernels import build_kernel
+from snell.tuners.snell.layer import SnellLinear, code_path
 
 def model():
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The fused ops of ``snell.fused`` against an independent torch implementation
+"""The fused ops of ``snell.tuners.snell.fused`` against an independent torch implementation
 (``bench.perf.fused_reference``: the distances computed directly, the rules written out, gradients by
 autograd in float64): on CPU tensors in Triton's interpreter (in a subprocess: the interpreter is chosen
 when triton is imported), and on a GPU if there is one (the check to run on a lent device)."""
@@ -15,7 +15,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from bench.perf.fused_reference import TOLERANCE
-from snell import fused
+from snell.tuners.snell import fused
 from tests.harness import REPO
 
 SCRIPT = r"""

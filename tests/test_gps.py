@@ -204,6 +204,6 @@ def test_without_data_applies_without_calibration_with_same_trainables(calibrati
     shapes_only = snell.apply_method(make_tiny_vit(), placeholder)
     data_driven = gps_model(calibration, k=2)
     assert snell.count_trainable(shapes_only) == snell.count_trainable(data_driven)
-    shapes = {k: v.shape for k, v in snell.adapter.adapter_state_dict(shapes_only).items()}
-    assert shapes == {k: v.shape for k, v in snell.adapter.adapter_state_dict(data_driven).items()}
+    shapes = {k: v.shape for k, v in snell.core.adapter.adapter_state_dict(shapes_only).items()}
+    assert shapes == {k: v.shape for k, v in snell.core.adapter.adapter_state_dict(data_driven).items()}
     assert data_driven.tuning_config == placeholder  # what load_adapter rebuilds from

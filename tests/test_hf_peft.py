@@ -17,7 +17,7 @@ from torch import nn
 
 import baselines.hf_peft  # noqa: F401
 import snell
-import snell.wrap
+import snell.core.wrap
 from baselines.hf_peft import PEFT_VERSION, TUNERS, PeftMethodConfig
 from baselines.lora import LoraLinear
 from bench.memory.estimate import step_memory
@@ -122,7 +122,7 @@ def test_vera_projections_are_regenerated_from_their_key_not_saved(tmp_path):
     model = peft_model("vera")
     train(model)
     snell.save_adapter(model, tmp_path)
-    saved = snell.adapter.adapter_state_dict(model)
+    saved = snell.core.adapter.adapter_state_dict(model)
     assert not any("vera_A" in k or "vera_B" in k for k in saved)  # only the scaling vectors (and head)
     torch.manual_seed(5)
     loaded = snell.load_adapter(make_tiny_vit(), tmp_path)

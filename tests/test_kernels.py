@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import snell
-from snell.kernels import build_kernel, kernel_options
+from snell.tuners.snell.kernels import build_kernel, kernel_options
 
 KERNELS = snell.list_kernels()
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import snell
-from snell.kernels import build_kernel
-from snell.layer import SnellLinear, code_path, weight_blocks
+from snell.tuners.snell.kernels import build_kernel
+from snell.tuners.snell.layer import SnellLinear, code_path, weight_blocks
 
 
 def make_layer(kernel="piecewise_linear", sparsity=0.9, rule="public", groups=1, **kw) -> SnellLinear:

@@ -13,9 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import snell
 from bench.run.train import make_optimizer
 from bench.step import next_token_loss, train_step
-from snell.families import IGNORE_INDEX, head_module, is_causal_lm
-from snell.sparsify import RULES
-from snell.wrap import AdaptedLinear
+from snell.core.families import IGNORE_INDEX, head_module, is_causal_lm
+from snell.core.wrap import AdaptedLinear
+from snell.tuners.snell.sparsify import RULES
 from tests.harness import assert_unchanged, model_snapshot
 
 VOCAB, WIDTH, MLP = 96, 32, 64

@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import snell
-from snell.kernels import build_kernel
-from snell.layer import SnellLinear
+from snell.tuners.snell.kernels import build_kernel
+from snell.tuners.snell.layer import SnellLinear
 from tests.conftest import make_tiny_vit
 
 RANK, PIECES, DIM = 8, 2, 48

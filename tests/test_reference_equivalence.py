@@ -14,11 +14,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import snell
-import snell.layer
+import snell.tuners.snell.layer
 from bench.perf.reference_snell import ReferenceSnellLinear, to_reference
 from bench.run.measure import tracked_step_memory
-from snell.kernels import build_kernel
-from snell.sparsify import order_statistics_
+from snell.tuners.snell.kernels import build_kernel
+from snell.tuners.snell.sparsify import order_statistics_
 
 RTOL = 1e-5
 
@@ -57,7 +57,7 @@ def test_reference_model_loads_snell_factors_and_matches(kernel, regularised):
     to_reference(reference)
     reference.load_state_dict(model.state_dict())  # same names: the same factors load into both
     assert any(isinstance(m, ReferenceSnellLinear) for m in reference.modules())
-    assert not any(isinstance(m, snell.layer.SnellLinear) for m in reference.modules())
+    assert not any(isinstance(m, snell.tuners.snell.layer.SnellLinear) for m in reference.modules())
 
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     model.train(), reference.train()
@@ -72,11 +72,11 @@ def test_reference_model_loads_snell_factors_and_matches(kernel, regularised):
 @pytest.mark.parametrize(("out_features", "in_features", "groups"), [(384, 128, 3), (128, 320, 1)])
 def test_blocked_backward_matches_the_reference(monkeypatch, out_features, in_features, groups):
     # Blocks of 64 rows or columns: several per matrix (and per threshold group), as on large matrices.
-    monkeypatch.setitem(snell.layer.BLOCK_ENTRIES, "cpu", 64 * min(out_features, in_features))
-    blocks = snell.layer.weight_blocks(out_features, in_features, groups, torch.device("cpu"))
+    monkeypatch.setitem(snell.tuners.snell.layer.BLOCK_ENTRIES, "cpu", 64 * min(out_features, in_features))
+    blocks = snell.tuners.snell.layer.weight_blocks(out_features, in_features, groups, torch.device("cpu"))
     assert len(blocks) >= 2 * groups
     torch.manual_seed(0)
-    layer = snell.layer.SnellLinear(
+    layer = snell.tuners.snell.layer.SnellLinear(
         nn.Linear(in_features, out_features), 8, build_kernel("piecewise_linear", 8), 0.9, groups=groups
     )
     reference = ReferenceSnellLinear(layer)
@@ -98,7 +98,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_saved_tensors_keep_no_full_size_storage_alive(device):
     # Stronger than a shape check: a small view (the threshold, say) must not pin a dW-sized storage.
     torch.manual_seed(0)
-    layer = snell.layer.SnellLinear(nn.Linear(64, 192), 8, build_kernel("piecewise_linear", 8), 0.9, groups=3)
+    layer = snell.tuners.snell.layer.SnellLinear(
+        nn.Linear(64, 192), 8, build_kernel("piecewise_linear", 8), 0.9, groups=3
+    )
     layer.to(device)
     x = torch.randn(5, 64, device=device, requires_grad=True)
     saved = []
@@ -110,7 +112,9 @@ def test_saved_tensors_keep_no_full_size_storage_alive(device):
 
 
 def test_reference_rejects_rules_it_does_not_implement():
-    layer = snell.layer.SnellLinear(nn.Linear(8, 8), 2, build_kernel("linear", 2), 0.5, rule="eq5")
+    layer = snell.tuners.snell.layer.SnellLinear(
+        nn.Linear(8, 8), 2, build_kernel("linear", 2), 0.5, rule="eq5"
+    )
     with pytest.raises(ValueError, match="public rule only"):
         ReferenceSnellLinear(layer)
 

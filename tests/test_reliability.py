@@ -18,7 +18,7 @@ from bench.run.config import RunConfig, TrainConfig
 from bench.run.records import load_records
 from bench.run.runner import run_sweep
 from bench.run.sweep import parse_sweep
-from snell import registry
+from snell.core import registry
 from tests.harness import FAST_TRAIN, REPO, bench_cmd, comparable, record_files, run_bench, write_sweep
 
 GRID = [{"method": ["linear", "lora"]}, {"method": "snell", "rank": 4}]

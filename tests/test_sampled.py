@@ -1,4 +1,5 @@
-"""SNELL's CPU backward on the kept entries (``snell.sampled``, ``SnellLinear.gathers``): the sampled
+"""SNELL's CPU backward on the kept entries (``snell.tuners.snell.sampled``, ``SnellLinear.gathers``):
+the sampled
 product g^T x equals the dense product at the kept entries, and a layer's outputs and gradients equal
 those of the dense backward (the whole dW recomputed, the dense weight gradient) in every layout."""
 
@@ -8,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-import snell.layer as layer_module
-import snell.sampled as sampled_module
+import snell.tuners.snell.layer as layer_module
+import snell.tuners.snell.sampled as sampled_module
 from bench.run.measure import tracked_step_memory
-from snell.kernels import build_kernel
-from snell.layer import SnellLinear
-from snell.sampled import Entries, masked_product
+from snell.tuners.snell.kernels import build_kernel
+from snell.tuners.snell.layer import SnellLinear
+from snell.tuners.snell.sampled import Entries, masked_product
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

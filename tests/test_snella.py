@@ -17,7 +17,7 @@ import snell
 from baselines.snella.allocator import cubic_budget, share_budget
 from bench.memory.estimate import step_memory
 from bench.step import train_step
-from snell.layer import SnellLinear
+from snell.tuners.snell.layer import SnellLinear
 
 EPOCHS, STEPS = 5, 3
 
@@ -202,7 +202,7 @@ def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
 def test_alpha_zero_without_allocator_reduces_to_snell(monkeypatch):
     # Both on the dense backward: SNELL's backward on the kept entries computes distances directly, not
     # in cdist's matmul form, which changes gradients in the last bits (tests/test_sampled.py).
-    monkeypatch.setattr(snell.layer, "SAMPLED_MIN_SPARSITY", 2.0)
+    monkeypatch.setattr(snell.tuners.snell.layer, "SAMPLED_MIN_SPARSITY", 2.0)
     x, y = batches(1)[0]
     snella = snella_model(sparsity=0.9, target_sparsity=None, kernel_options={"alpha": 0.0})
     reference = snella_model("snell", rank=4, sparsity=0.9)

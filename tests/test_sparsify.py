@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from snell.sparsify import apply_rule, sparsify, threshold
+from snell.tuners.snell.sparsify import apply_rule, sparsify, threshold
 
 
 @pytest.mark.parametrize("s", [0.5, 0.9, 0.99])

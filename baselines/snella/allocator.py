@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from snell.callbacks import TrainingCallback
-from snell.layer import SnellLinear
+from snell.core.callbacks import TrainingCallback
+from snell.tuners.snell.layer import SnellLinear
 
 
 def cubic_budget(epoch: int, epochs: int, initial: float, target: float) -> int:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snell.config import SnellConfig
-from snell.validation import check_probability
+from snell.core.validation import check_probability
+from snell.tuners.snell.config import SnellConfig
 
 
 @dataclass(frozen=True)
 class SnellaConfig(SnellConfig):
     """SNELLA (Shen et al., 2025, "Kernelized Sparse Fine-Tuning with Bi-level Parameter Competition").
 
-    SNELL's options (``snell.config.SnellConfig``) with the piecewise-softmax kernel, plus the
+    SNELL's options (``snell.tuners.snell.config.SnellConfig``) with the piecewise-softmax kernel, plus the
     layer-level allocator (``baselines.snella.allocator``): ``sparsity`` is the initial ratio of every
     matrix (the code's init_thres; released 0.01 on VTAB, 0 on FGVC), ``target_sparsity`` the overall
     ratio the cubic schedule reaches (the code's target_ratio; None: no allocator, every matrix keeps

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from snell.kernels import Kernel, PiecewiseLinearKernel, register_kernel
-from snell.registry import exclude_from_weight_decay
+from snell.core.registry import exclude_from_weight_decay
+from snell.tuners.snell.kernels import Kernel, PiecewiseLinearKernel, register_kernel
 
 
 @register_kernel("piecewise_softmax")

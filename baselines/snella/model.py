@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from snell.model import wrap_snell
-from snell.registry import Calibration, register_method
+from snell.core.registry import Calibration, register_method
+from snell.tuners.snell.model import wrap_snell
 
 from .allocator import SparsityAllocator
 from .config import MixkConfig, SnellaConfig

@@ -284,7 +284,7 @@ def collate_causal(
     needs no attention mask: causal attention never looks ahead at the pads."""
     import torch
 
-    from snell.families import IGNORE_INDEX
+    from snell.core.families import IGNORE_INDEX
 
     length = -(-max(map(len, batch)) // multiple_of) * multiple_of
     inputs = torch.full((len(batch), length), pad_id, dtype=torch.long)

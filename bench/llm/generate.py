@@ -13,7 +13,7 @@ from torch import nn
 import snell
 from bench import step
 from bench.llm.commonsense import Example, evaluation_prompt, extract_answer
-from snell.wrap import is_foreign_adapter
+from snell.core.wrap import is_foreign_adapter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -56,9 +56,9 @@ from bench.llm.models import (
     is_causal_lm_name,
 )
 from bench.run.measure import MIB, StepMemoryTracker, peak_breakdown
-from snell.families import is_causal_lm
-from snell.layer import code_path
-from snell.wrap import BranchDropout
+from snell.core.families import is_causal_lm
+from snell.core.wrap import BranchDropout
+from snell.tuners.snell.layer import code_path
 
 ESTIMATE_DEVICE = "estimate: fake tensors on CPU"
 OPTIMIZER = {"lr": 1e-3, "weight_decay": 1e-4, "foreach": True}
@@ -138,7 +138,7 @@ def _store_weights(model: nn.Module, frozen_dtype: str) -> None:
 
 
 def _dropout_as_on_cuda(model: nn.Module) -> None:
-    """Replace every plain ``nn.Dropout`` (p > 0) by ``snell.wrap.BranchDropout``, the same dropout as
+    """Replace every plain ``nn.Dropout`` (p > 0) by ``snell.core.wrap.BranchDropout``, the same dropout as
     ``torch.native_dropout`` (CUDA's kernel: a bool mask for backward) on any device."""
     for name, module in list(model.named_modules()):
         if type(module) is nn.Dropout and module.p > 0:
@@ -289,7 +289,8 @@ def step_memory(
 
     By default an estimate that allocates no tensor data (a ViT-B/16 or a LLaMA-2-7B estimate needs well
     under 1 GB of real memory) of the step as it runs on ``code_path_of`` (SNELL's layer follows that
-    device type's code: ``snell.layer.code_path``; "cuda" also runs plain dropout as CUDA's kernel).
+    device type's code: ``snell.tuners.snell.layer.code_path``; "cuda" also runs plain dropout as CUDA's
+    kernel).
     ``measure_on="cpu"`` or ``"cuda"`` runs the same step on real tensors instead and returns the
     allocator's peak tensor bytes (CPU: from torch.profiler's allocation events, plus what was live
     before; CUDA: ``torch.cuda.max_memory_allocated``): for small models, or on a GPU.

@@ -1,9 +1,11 @@
-"""Ahead-of-time compilation of every fused Triton kernel (``snell._fused_kernels``) for sm_80 and sm_90,
+"""Ahead-of-time compilation of every fused Triton kernel (``snell.tuners.snell._fused_kernels``) for
+sm_80 and sm_90,
 with no GPU: registers, spills and shared memory per specialisation, from Triton's bundled ptxas.
 
 A kernel that spills registers runs slower on every GPU and one that needs more shared memory than the
 target has does not launch; both are visible at compile time, so the tests check them on a CPU-only
-machine. The specialisations are those the layer launches (``snell.fused``): a, b, coef, t and the
+machine. The specialisations are those the layer launches (``snell.tuners.snell.fused``): a, b, coef, t
+and the
 gradient in float32, the frozen weight in float32 or bfloat16, every rule, 1 or 2 pieces, ranks 8, 16
 and 32, the row tiles ``_row_tile`` picks for ViT-B/16 and LLaMA-2-7B / 13B widths, and the launch's
 options (``launch_options``: warps, the vjp kernel's register budget). Without thresholds the kernels
@@ -46,7 +48,7 @@ LLaMA-2-7B's and -13B's attention and MLP projections."""
 
 @dataclass(frozen=True)
 class Spec:
-    """One specialisation of a fused kernel, as ``snell.fused`` launches it."""
+    """One specialisation of a fused kernel, as ``snell.tuners.snell.fused`` launches it."""
 
     kernel: str
     R: int
@@ -66,15 +68,15 @@ class Spec:
 
 
 def row_tiles(rank: int) -> list[int]:
-    """Every row tile ``snell.fused`` picks at ``rank`` for the layers of ``LAYER_ROWS``."""
-    from snell.fused import _row_tile
+    """Every row tile ``snell.tuners.snell.fused`` picks at ``rank`` for the layers of ``LAYER_ROWS``."""
+    from snell.tuners.snell.fused import _row_tile
 
     return sorted({_row_tile(rows, units, rank) for rows, units in LAYER_ROWS})
 
 
 def specs() -> list[Spec]:
     """Every specialisation of both kernels that the layer launches."""
-    from snell.fused import RULE_IDS
+    from snell.tuners.snell.fused import RULE_IDS
 
     thresholds = [(False, "-")] + [(True, rule) for rule in RULE_IDS]
     update = [(False, "-", True, "-")] + [
@@ -137,7 +139,7 @@ def compile_spec(spec: Spec, target: str) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from snell import _fused_kernels, fused
+    from snell.tuners.snell import _fused_kernels, fused
 
     fn = getattr(_fused_kernels, spec.kernel)
     capability, limit = TARGETS[target]
@@ -169,7 +171,7 @@ def compile_spec(spec: Spec, target: str) -> dict:
 def compile_all(workers: int = 2) -> pd.DataFrame:
     """Compile every specialisation for every target, on ``workers`` processes (forked: they share the
     imported kernels): one row each."""
-    import snell._fused_kernels  # noqa: F401 - imported once, before the workers fork
+    import snell.tuners.snell._fused_kernels  # noqa: F401 - imported once, before the workers fork
 
     jobs = [(spec, target) for target in TARGETS for spec in specs()]
     if workers == 1:

@@ -1,7 +1,9 @@
-"""An independent torch implementation of the fused ops of ``snell.fused``, and one comparison against it.
+"""An independent torch implementation of the fused ops of ``snell.tuners.snell.fused``, and one
+comparison against it.
 
 The distances are computed directly, the sparsification rules written out and gradients taken by autograd
-in float64, sharing no code with the kernels or with ``snell.sparsify`` beyond the threshold under test.
+in float64, sharing no code with the kernels or with ``snell.tuners.snell.sparsify`` beyond the threshold
+under test.
 ``tests/test_fused_ops.py`` compares many small cases (on CPU tensors in Triton's interpreter, and on a
 GPU); ``python -m bench gpu-smoke`` a few on the device it checks. One copy of the reference serves both.
 """
@@ -13,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from snell import fused
-from snell.sparsify import threshold
+from snell.tuners.snell import fused
+from snell.tuners.snell.sparsify import threshold
 
 TOLERANCE = 1e-5
 """Largest relative error (max |error| / max |reference|) allowed of the fused magnitude, merge and vjp."""
@@ -23,7 +25,8 @@ TOLERANCE = 1e-5
 @dataclass(frozen=True)
 class Case:
     """One comparison: factors a (F, in, r) and b (out, r), P kernel pieces, a sparsification rule id
-    (``snell.fused.RULE_IDS``), a threshold at s = 0.5 per group (``sparse``) and a frozen weight."""
+    (``snell.tuners.snell.fused.RULE_IDS``), a threshold at s = 0.5 per group (``sparse``) and a frozen
+    weight."""
 
     factors: int
     groups: int

@@ -1,11 +1,13 @@
-"""The GPU smoke test: the fused ops of ``snell.fused`` against an independent reference on the device,
+"""The GPU smoke test: the fused ops of ``snell.tuners.snell.fused`` against an independent reference on
+the device,
 then one training step each of LoRA-8 and SNELL-8 on ViT-B/16; under 3 minutes on a GPU, Triton's
 compilation included. Run it before ``gpu-check``: a broken kernel or a fallback shows here in minutes,
 not after a long measurement.
 
 Every check is a row of the record ``gpu-smoke.json`` (what was measured, the tolerance, passed or not),
 rendered as ``gpu_smoke.md``; the exit status is 1, with one line per failed check, if any fails.
-``--device cpu`` runs the CUDA code path (``snell.layer.code_path``) on CPU tensors and a one-block ViT,
+``--device cpu`` runs the CUDA code path (``snell.tuners.snell.layer.code_path``) on CPU tensors and a
+one-block ViT,
 the fused ops in Triton's interpreter (``TRITON_INTERPRET=1``): how the tests run it.
 
     python -m bench gpu-smoke --commit "$(git rev-parse HEAD)"
@@ -32,8 +34,8 @@ from bench.perf.variants import Variant
 from bench.report.measurements import render_folder
 from bench.run.config import EMBEDDED_BACKBONE
 from bench.run.measurements import write_measurement
-from snell import fused
-from snell.layer import code_path
+from snell.tuners.snell import fused
+from snell.tuners.snell.layer import code_path
 
 CASES = (
     *(Case(3, 3, 8, 2, rule, True, weight) for rule in (0, 1, 2) for weight in (False, True)),

@@ -9,7 +9,8 @@ not kept for backward (recomputed there, with the branch's matmul). Checkpointin
 reentrant default passes no gradient to the factors when the branch input does not require grad.
 
 The layer holds the same ``base``, ``lora_A``, ``lora_B`` and kernel module as
-``snell.layer.SnellLinear``, so ``to_reference`` turns a SNELL model into this one sharing its factors.
+``snell.tuners.snell.layer.SnellLinear``, so ``to_reference`` turns a SNELL model into this one sharing
+its factors.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from snell.layer import SnellLinear
-from snell.wrap import AdaptedLinear, replace_modules
+from snell.core.wrap import AdaptedLinear, replace_modules
+from snell.tuners.snell.layer import SnellLinear
 
 
 class ReferenceSnellLinear(AdaptedLinear):

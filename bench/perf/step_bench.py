@@ -44,7 +44,7 @@ from bench.methods import preset_config
 from bench.perf.variants import Variant, apply_variant
 from bench.run.measure import tracked_step_memory
 from bench.run.measurements import write_measurement
-from snell.layer import SnellLinear
+from snell.tuners.snell.layer import SnellLinear
 
 PATCH_SIZE = 8
 

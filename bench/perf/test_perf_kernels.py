@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import snell
-from snell.sparsify import apply_rule, threshold
+from snell.tuners.snell.sparsify import apply_rule, threshold
 
 SHAPES = [(768, 768), (768, 3072)]  # out x in
 

@@ -8,8 +8,8 @@ from torch import nn
 
 from baselines.lora import LoraLinear
 from bench.perf.reference_snell import ReferenceSnellLinear
-from snell.kernels import build_kernel
-from snell.layer import SnellLinear
+from snell.tuners.snell.kernels import build_kernel
+from snell.tuners.snell.layer import SnellLinear
 
 TOKENS = 8 * 197  # ViT-B/16 at batch 8
 SHAPES = [(768, 768), (3072, 768), (768, 3072)]  # out x in: proj, fc1, fc2

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from snell.sparsify import threshold
+from snell.tuners.snell.sparsify import threshold
 
 SHAPES = [(768, 768), (768, 3072), (3072, 3072), (4096, 4096), (4096, 11008)]
 SPARSITY = 0.9

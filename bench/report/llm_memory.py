@@ -15,7 +15,7 @@ import pandas as pd
 
 from bench.memory.paper import LLM_BASELINE, LLM_METHOD_NAMES, LLM_MODELS
 from bench.memory.plots import plot_llm_memory
-from snell.wrap import DEFAULT_TARGETS
+from snell.core.wrap import DEFAULT_TARGETS
 
 BREAKDOWN = {
     "params_mib": "parameters",

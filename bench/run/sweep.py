@@ -231,7 +231,9 @@ def parse_sweep(data: Any, source: str = "sweep") -> Sweep:
             except ValueError as err:
                 problems.append(f"{where}.method: {err}")
                 continue
-            open_ended = snell.registry.get_method(method).config_cls.open_options  # method_config checks
+            open_ended = snell.core.registry.get_method(
+                method
+            ).config_cls.open_options  # method_config checks
             unknown = (
                 [] if open_ended else _unknown(option_grid, [*allowed, *ENTRY_KEYS], f"{where} ({method})")
             )

@@ -18,7 +18,8 @@ LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 def cross_entropy(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy of the model's logits (a causal LM's next-token loss: ``snell.families.task_loss``)."""
+    """Cross-entropy of the model's logits (a causal LM's next-token loss:
+    ``snell.core.families.task_loss``)."""
     return task_loss(model, images, labels)
 
 

@@ -25,7 +25,7 @@ CAUSAL_LM_TARGETS = ("*q_proj", "*k_proj", "*v_proj", "*o_proj", "*gate_proj", "
 LLM-Adapters / DoRA convention; Mistral and Qwen2 use the same names)."""
 
 DEFAULT_TARGETS = VISION_TARGETS + CAUSAL_LM_TARGETS
-"""The standard targets of both families (``snell.families``): a model matches one family's names, and a
+"""The standard targets of both families (``snell.core.families``): a model matches one family's names, and a
 default pattern that matches nothing is no error."""
 
 
@@ -243,7 +243,7 @@ def merge(model: nn.Module) -> nn.Module:
 
 def freeze_all_but_head(model: nn.Module, train_head: bool | None) -> None:
     """Freeze every parameter, then unfreeze the head if ``train_head`` (None: the family's default,
-    ``snell.families.trains_head``) asks for it."""
+    ``snell.core.families.trains_head``) asks for it."""
     head = classifier(model) if trains_head(model, train_head) else None
     model.requires_grad_(False)
     if head is not None:
@@ -251,7 +251,7 @@ def freeze_all_but_head(model: nn.Module, train_head: bool | None) -> None:
 
 
 def classifier(model: nn.Module) -> nn.Module:
-    """The model's head (``snell.families.head_module``: timm's classifier or a causal LM's lm_head)."""
+    """The model's head (``snell.core.families.head_module``: timm's classifier or a causal LM's lm_head)."""
     head = head_module(model)
     if head is None:
         raise ValueError(

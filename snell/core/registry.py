@@ -30,7 +30,7 @@ class TuningConfig:
     """True for a method whose ``from_options`` takes options beyond its fields (the ``peft`` family passes
     PEFT's config fields through): callers check its options with ``method_config``, not ``config_fields``."""
     train_head: bool | None = None
-    """Train the model's head: None is its family's default (``snell.families.trains_head``: a timm
+    """Train the model's head: None is its family's default (``snell.core.families.trains_head``: a timm
     classifier's new head trains, a causal LM's pretrained lm_head stays frozen)."""
 
     def __post_init__(self) -> None:

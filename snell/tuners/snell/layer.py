@@ -8,11 +8,13 @@ The vjp is in closed form for the piecewise-linear kernel (``Kernel.closed_form`
 Without branch dropout one matmul with the merged weight replaces LoRA-style parallel branches, drop-path
 included (the batch split per q/k/v group: kept samples use W0 + S / (1 - p)); with branch dropout the
 frozen matmul and the branch (its output scaled by the drop-path draws) run in the same function.
-The threshold is a selection, not a sort (``snell.sparsify.threshold``); at sparsity 0 there is none and
+The threshold is a selection, not a sort (``snell.tuners.snell.sparsify.threshold``); at sparsity 0 there
+is none and
 S(dW) = dW (the public code's kernelized LoRA).
 
 On the CUDA code path (``code_path``) the piecewise-linear kernel with fixed coefficients runs the fused
-Triton ops of ``snell.fused`` instead: |dW| for the threshold, W0 + S and the vjp computed from the
+Triton ops of ``snell.tuners.snell.fused`` instead: |dW| for the threshold, W0 + S and the vjp computed
+from the
 factors tile by tile, the whole matrix as one block, about 11 ops per layer for forward and backward.
 
 A fused qkv holds q, k and v as ``groups`` = 3 blocks of output rows, each with its own threshold and
@@ -33,12 +35,12 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.func import functional_call
 
-import snell.fused as fused
+from snell.core.wrap import AdaptedLinear, branch_drop_path, branch_dropout
 
+from . import fused
 from .kernels import Kernel, PiecewiseLinearKernel, init_factor_
 from .sampled import Entries
 from .sparsify import apply_rule, kept_mask, rule_at, rule_vjp, threshold
-from .wrap import AdaptedLinear, branch_drop_path, branch_dropout
 
 BLOCK_ENTRIES = {"cpu": 2**19, "cuda": 2**20}
 """Backward recomputes dW in blocks of about this many entries per device type, so that its temporaries
@@ -73,7 +75,7 @@ _code_path: str | None = None
 @contextmanager
 def code_path(device_type: str) -> Iterator[None]:
     """Run SNELL's code path for ``device_type`` whatever device the tensors are on: its block size, its
-    threshold route and, for "cuda", the fused Triton ops (``snell.fused``) where they apply.
+    threshold route and, for "cuda", the fused Triton ops (``snell.tuners.snell.fused``) where they apply.
 
     Memory estimates of a GPU step run on fake CPU tensors: inside this context they follow the GPU's
     code (the fused ops' fake implementations, the GPU's blocks), so that the estimated temporaries are
@@ -334,7 +336,8 @@ class WeightGrad:
     """The gradient reaching S over one block of dW, g^T x from the samples of each drop-path part that
     overlaps the block (scaled by it), computed when asked: every entry (``dense()``), only the kept ones
     of a mask (``dense(kept)``, zeros elsewhere; dense for a half-precision g, as autocast may give) or
-    of ``Entries`` (``at``, their values, in float32 or float64). The sampled forms (``snell.sampled``)
+    of ``Entries`` (``at``, their values, in float32 or float64). The sampled forms
+    (``snell.tuners.snell.sampled``)
     cost in proportion to the kept entries."""
 
     g: Tensor
@@ -460,7 +463,8 @@ class SnellLinear(AdaptedLinear):
         return dw.reshape(-1, a.shape[-2])
 
     def fused(self, like: Tensor) -> bool:
-        """Whether this layer runs the fused Triton ops (``snell.fused``) for factors like ``like``: the
+        """Whether this layer runs the fused Triton ops (``snell.tuners.snell.fused``) for factors like
+        ``like``: the
         piecewise-linear kernel with fixed coefficients, on the CUDA code path, where the ops run (CUDA
         with Triton, the fake tensors of a memory estimate, CPU tensors in Triton's interpreter)."""
         fixed_piecewise = isinstance(self.kernel, PiecewiseLinearKernel) and not self._kernel_names

@@ -1,4 +1,4 @@
-"""Triton kernels of ``snell.fused`` (imported only when they run: Triton is optional).
+"""Triton kernels of ``snell.tuners.snell.fused`` (imported only when they run: Triton is optional).
 
 Distances use ``tl.sqrt_rn`` (correctly rounded, as torch's sqrt; ``tl.sqrt`` is approximate on GPUs).
 The loops over a piece's r / P columns are loops of the compiled code (``range``), not unrolled by Triton

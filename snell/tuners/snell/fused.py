@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 RULE_IDS = {"public": 0, "eq5": 1, "hard": 2}
-"""``snell.sparsify.RULES`` as the kernels number them."""
+"""``snell.tuners.snell.sparsify.RULES`` as the kernels number them."""
 BI = 64
 """Columns per tile."""
 
@@ -58,7 +58,8 @@ def _turn_off(kernel: str, reason: str) -> None:
     _failure = f"{kernel}: {reason}"
     warnings.warn(
         f"snell: fused Triton kernel {kernel} is unavailable ({reason}); SNELL layers use torch's CUDA ops"
-        " from now on, with the same results (snell.layer.code_path still chooses the path explicitly)",
+        " from now on, with the same results (snell.tuners.snell.layer.code_path still chooses the path"
+        " explicitly)",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -139,7 +140,7 @@ def update(
 ) -> Tensor:
     """|dW| (``magnitude``), else (``weight`` +) ``scale`` * S(dW) (S = dW where t is None): (out, in)
     float32, for a (F, in, r), b (out, r), coef (P,), t (groups,) thresholds."""
-    from snell._fused_kernels import update_kernel
+    from snell.tuners.snell._fused_kernels import update_kernel
 
     a, b, coef = a.contiguous().float(), b.contiguous().float(), coef.contiguous().float()
     rows_per_factor, rows_per_group, tile, grid_j, grid_i = _launch(a, b, t)
@@ -164,7 +165,7 @@ def vjp(
     a: Tensor, b: Tensor, coef: Tensor, t: Tensor | None, grad: Tensor, rule: int
 ) -> tuple[Tensor, Tensor]:
     """(grad of a, grad of b), float32, from ``grad`` (out, in), the gradient reaching S(dW)."""
-    from snell._fused_kernels import vjp_kernel
+    from snell.tuners.snell._fused_kernels import vjp_kernel
 
     a, b, coef = a.contiguous().float(), b.contiguous().float(), coef.contiguous().float()
     rows_per_factor, rows_per_group, tile, grid_j, grid_i = _launch(a, b, t)

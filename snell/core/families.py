@@ -1,7 +1,7 @@
 """The two model families every method adapts: timm classifiers and Hugging Face causal language models.
 
 They differ in three things a method needs to know, and in nothing else (targets are found by name in
-both, ``snell.wrap.DEFAULT_TARGETS`` holding each family's standard names):
+both, ``snell.core.wrap.DEFAULT_TARGETS`` holding each family's standard names):
 - the head: timm's ``get_classifier()`` (a new, randomly initialised task head) or a causal LM's
   ``get_output_embeddings()`` (``lm_head``, pretrained);
 - whether the head trains by default: a new task head must; a pretrained ``lm_head`` stays frozen unless

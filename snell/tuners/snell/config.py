@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from snell.core.registry import TuningConfig
+from snell.core.validation import check_probability, check_rank, check_targets
+from snell.core.wrap import DEFAULT_TARGETS, NO_DROPOUT_TARGETS, check_qkv_layout
+
 from .kernels import check_kernel_name, check_kernel_options
-from .registry import TuningConfig
 from .sparsify import check_rule, check_sparsity
-from .validation import check_probability, check_rank, check_targets
-from .wrap import DEFAULT_TARGETS, NO_DROPOUT_TARGETS, check_qkv_layout
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class SnellConfig(TuningConfig):
     kernel_options go to its constructor. sparsity: fraction of dW's entries zeroed, in [0, 1)
     (0 = kernelized LoRA without sparsification: the update is dW itself, as the public code's KLoRA).
     rule: 'public' (default, as the published numbers), 'eq5' or 'hard'. targets: globs over module
-    names. qkv: how a fused ``qkv`` is adapted (``snell.wrap.QKV_LAYOUTS``): 'separate' (default: own
+    names. qkv: how a fused ``qkv`` is adapted (``snell.core.wrap.QKV_LAYOUTS``): 'separate' (default: own
     factors, threshold and drop-path for q, k and v, as the public code's separate layers), 'shared_a'
     (one A; this suite's earlier layout) or 'fused' (one matrix, one threshold).
     dropout / drop_path: on the branch input / output, as the public code; no_dropout_targets: targets

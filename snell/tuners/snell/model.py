@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from snell.core.registry import Calibration, register_method
+from snell.core.wrap import adapt_linears, qkv_groups
+
 from .config import SnellConfig
 from .kernels import Kernel, build_kernel, kernel_options
 from .layer import SnellLinear
-from .registry import Calibration, register_method
-from .wrap import adapt_linears, qkv_groups
 
 
 def layer_kernel(cfg: SnellConfig, factor_groups: int) -> Kernel:
