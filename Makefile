@@ -6,7 +6,7 @@ THREADS ?= 1
 RESULTS ?= results
 export OMP_NUM_THREADS ?= $(THREADS)
 
-.PHONY: setup bench bench-quick report pretrain memory llm-memory perf notebooks test lint format clean bench-slurm
+.PHONY: setup bench bench-quick report pretrain memory llm-memory perf notebooks test test-fast lint format clean bench-slurm
 
 setup: $(STAMP)
 
@@ -52,6 +52,11 @@ notebooks: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The quick tier: the suite less the tests marked slow (subprocesses, notebooks, ViT-B/16-sized models,
+# anything over ~5 s); `make test` (CI) runs everything.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

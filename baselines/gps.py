@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +147,8 @@ class GpsConfig(TuningConfig):
     selected: set by apply (do not set by hand); with it, apply rebuilds the layout with placeholder
     selections, which ``load_adapter`` then fills in, and needs no calibration.
     """
+
+    label_hidden: ClassVar[frozenset[str]] = TuningConfig.label_hidden | {"calibration_batches"}
 
     k: int = 1
     loss: str = "cross_entropy"

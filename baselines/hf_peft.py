@@ -32,9 +32,10 @@ import difflib
 import itertools
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import MethodType
 from typing import Any, ClassVar
 
 import peft
@@ -44,11 +45,12 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import PeftType
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from snell.core.callbacks import TrainingCallback
 from snell.core.families import trains_head
 from snell.core.registry import Calibration, TuningConfig, register_method
-from snell.core.validation import check_rank
+from snell.core.validation import check_rank, field_type_problems
 from snell.core.wrap import (
     DEFAULT_TARGETS,
     classifier,
@@ -59,7 +61,7 @@ from snell.core.wrap import (
 )
 
 PEFT_VERSION: str = peft.__version__
-"""The PEFT release whose tuners ran (records name it through ``bench.run.provenance.versions``)."""
+"""The PEFT release whose tuners ran (records name it through ``bench.records.provenance.versions``)."""
 
 ADAPTER = "default"
 """PEFT's adapter name: parameters are named ``<layer>.<tuner param>.default...``."""
@@ -149,6 +151,9 @@ class PeftMethodConfig(TuningConfig):
 
     open_options: ClassVar[bool] = True
     """``from_options`` takes keywords beyond the fields (a sweep must not reject them up front)."""
+    ablation_axes: ClassVar[tuple[str, ...]] = ("rank",)
+    label_hidden: ClassVar[frozenset[str]] = TuningConfig.label_hidden | {"tuner"}
+    """The tuner is in the label's head (``peft-dora-8``)."""
 
     tuner: str = "lora"
     rank: int | None = 8
@@ -163,6 +168,11 @@ class PeftMethodConfig(TuningConfig):
 
     def __hash__(self) -> int:
         return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+
+    @classmethod
+    def family(cls, options: Mapping[str, Any]) -> str:
+        """``peft-<tuner>`` (``peft-dora``): each PEFT tuner is a family of its own in figures."""
+        return f"peft-{options.get('tuner') or cls.tuner}"
 
     @classmethod
     def from_options(cls, **options: Any) -> PeftMethodConfig:
@@ -220,7 +230,15 @@ class PeftMethodConfig(TuningConfig):
             )
         with warnings.catch_warnings():  # the same config is built again, warnings and all, by apply
             warnings.simplefilter("ignore")
-            self.peft_config(_PLACEHOLDER_TARGETS)
+            built = self.peft_config(_PLACEHOLDER_TARGETS)
+        problems = [p for p in field_type_problems(built) if p.split("=", 1)[0] in self.options]
+        problems += [
+            f"{name}={value!r} must be a number in [0, 1)"
+            for name, value in self.options.items()
+            if name.endswith("dropout") and not (isinstance(value, int | float) and 0 <= value < 1)
+        ]
+        if problems:
+            raise ValueError(f"PEFT tuner {self.tuner!r}: " + "; ".join(dict.fromkeys(problems)))
 
     def peft_config(self, targets: list[str]) -> peft.PeftConfig:
         """The PEFT config for ``targets`` (full module names); ValueError with PEFT's own message if PEFT
@@ -270,33 +288,48 @@ def _in_place(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype |
     return (device is None or t.device == device) and keeps_dtype
 
 
+def _to_unless_there(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    """``module.to(*args, **kwargs)``, except that a module already where and what it would be moved to is
+    returned as it is (as ``Module.to`` leaves it on real tensors), its tensors not swapped."""
+    device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    if memory_format is None and all(_in_place(t, device, dtype) for t in tensors):
+        return module
+    return nn.Module.to(module, *args, **kwargs)
+
+
 @contextmanager
 def _fake_tensor_moves(model: nn.Module) -> Iterator[None]:
-    """For a model made of fake tensors (a shapes-only memory estimate): ``Module.to`` to where a module
-    already is returns it as it is, as it does on real tensors, without swapping its tensors.
+    """For a model made of fake tensors (a shapes-only memory estimate): each module of the model and each
+    that PEFT adds while the block runs (its layers and their adapters) gets, until the block ends, a
+    ``to`` of its own (``_to_unless_there``) that leaves it as it is where it already is, as ``Module.to``
+    does on real tensors.
 
     PEFT moves each new adapter to its base layer's device and dtype with ``Module.to``; on fake tensors
     that always swaps each parameter for a new one (``torch.utils.swap_tensors``), which fails for tensors
     the fake mode holds weak references to or that init code still refers to. The move is a no-op here
-    (the adapter is made where its base layer is), so it is skipped; other moves run as usual.
+    (the adapter is made where its base layer is), so it is skipped; other moves run as usual. The modules
+    are found by torch's module registration hook as PEFT registers them; ``nn.Module`` is not patched.
     """
     if not _is_fake(model):
         yield
         return
-    to = nn.Module.to
+    added: list[nn.Module] = []
 
-    def to_unless_there(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-        device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-        tensors = itertools.chain(module.parameters(), module.buffers())
-        if memory_format is None and all(_in_place(t, device, dtype) for t in tensors):
-            return module
-        return to(module, *args, **kwargs)
+    def own_to(parent: nn.Module, name: str, module: nn.Module | None) -> None:
+        if module is not None and "to" not in module.__dict__:
+            module.to = MethodType(_to_unless_there, module)
+            added.append(module)
 
-    nn.Module.to = to_unless_there
+    for module in model.modules():  # the layers PEFT wraps, and those it adds (the hook) while it runs
+        own_to(model, "", module)
+    handle = register_module_module_registration_hook(own_to)
     try:
         yield
     finally:
-        nn.Module.to = to
+        handle.remove()
+        for module in added:
+            del module.__dict__["to"]
 
 
 def peft_targets(model: nn.Module) -> list[str]:

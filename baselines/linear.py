@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
@@ -13,6 +14,8 @@ from snell.core.wrap import freeze_all_but_head
 @dataclass(frozen=True)
 class LinearProbeConfig(TuningConfig):
     """No options: the backbone is frozen, the head trains."""
+
+    changes_backbone: ClassVar[bool] = False
 
     def validate(self) -> None:
         if self.train_head is False:

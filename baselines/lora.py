@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +86,8 @@ class LoraConfig(TuningConfig):
     the default is 0 (PEFT's LoRA has none, and the default benchmark's records were run without).
     """
 
+    ablation_axes: ClassVar[tuple[str, ...]] = ("rank",)
+
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.1
@@ -96,6 +99,8 @@ class LoraConfig(TuningConfig):
 
     def validate(self) -> None:
         check_rank(self.rank)
+        if self.alpha <= 0:
+            raise ValueError(f"alpha={self.alpha!r} must be > 0 (the update is scaled by alpha / rank)")
         check_probability("dropout", self.dropout)
         check_probability("drop_path", self.drop_path)
         check_qkv_layout(self.qkv, ("separate", "shared_a"))

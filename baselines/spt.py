@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +129,9 @@ class SptConfig(TuningConfig):
     rebuilds that structure and needs no calibration (what ``load_adapter`` does).
     """
 
+    ablation_axes: ClassVar[tuple[str, ...]] = ("rank",)
+    label_hidden: ClassVar[frozenset[str]] = TuningConfig.label_hidden | {"calibration_batches"}
+
     rank: int = 8
     budget: int | float = 400_000
     alpha_threshold: float = 10.0
@@ -220,52 +223,87 @@ def allocate(
     entries of the non-LoRA matrices, whose structure stays as fixed: the total is the budget exactly,
     unless the structure at k = all entries costs less (then that is all SPT can tune).
     """
-    names = list(scores)
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    device = flat.device
-    sizes = torch.tensor([s.numel() for s in scores.values()], device=device)
-    ends = sizes.cumsum(0)
-    is_matrix = torch.tensor([n in lora_costs for n in names], device=device)
-    structured_cost = torch.tensor([lora_costs.get(n, s.numel()) for n, s in scores.items()], device=device)
-    threshold = torch.where(is_matrix, structured_cost / alpha, sizes / beta)
-
-    def structure(unit: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        counts = torch.bincount(unit[:k], minlength=len(names))
-        return counts, counts >= threshold
-
-    def cost(unit: Tensor, k: int) -> int:
-        counts, structured = structure(unit, k)
-        return int(torch.where(structured, structured_cost, counts * is_matrix).sum())
-
-    # Rank only a prefix of the entries (a full sort of a ViT-B is slow on CPU), growing it until it
-    # holds both the structure's limit k and the fill.
-    total, ranked = flat.numel(), min(flat.numel(), 4 * budget)
-    while True:
-        order = flat.topk(ranked).indices  # most sensitive first
-        unit = torch.searchsorted(ends, order, right=True)  # the matrix / vector of each ranked entry
-        low, high = 0, ranked
-        while low < high:
-            mid = (low + high + 1) // 2
-            low, high = (mid, high) if cost(unit, mid) <= budget else (low, mid - 1)
-        _, structured = structure(unit, low)
-        free = is_matrix & ~structured
-        left = budget - cost(unit, low)
-        rest = order[low:][free[unit[low:]]][:left]
-        if ranked == total or (low < ranked and rest.numel() == left):
-            break
-        ranked = min(total, 4 * ranked)
-    chosen = torch.cat([order[:low][free[unit[:low]]], rest]).sort().values
+    units = _Units.of(scores, lora_costs, alpha=alpha, beta=beta)
+    chosen, structured = _choose(units, budget)
+    names, ends, sizes = units.names, units.ends, units.sizes
     per_unit = torch.bincount(torch.searchsorted(ends, chosen, right=True), minlength=len(names))
     starts = (ends - sizes).tolist()
     sparse = {
         names[i]: idx - starts[i] for i, idx in enumerate(chosen.split(per_unit.tolist())) if idx.numel()
     }
-    picked = [(n, bool(s), bool(m)) for n, s, m in zip(names, structured, is_matrix, strict=True)]
+    picked = [(n, bool(s), bool(m)) for n, s, m in zip(names, structured, units.is_matrix, strict=True)]
     return Allocation(
         lora=[n for n, s, m in picked if s and m],
         sparse=sparse,
         vectors=[n for n, s, m in picked if s and not m],
     )
+
+
+@dataclass(frozen=True, eq=False)
+class _Units:
+    """``allocate``'s matrices and vectors (units), their scores laid end to end in ``flat``: each one's
+    size, where it ends in ``flat``, whether it is a matrix, what its structure costs (its LoRA's
+    parameters, a vector's size) and how many selected entries make it structured."""
+
+    names: list[str]
+    flat: Tensor
+    sizes: Tensor
+    ends: Tensor
+    is_matrix: Tensor
+    structured_cost: Tensor
+    threshold: Tensor
+
+    @classmethod
+    def of(
+        cls, scores: dict[str, Tensor], lora_costs: dict[str, int], *, alpha: float, beta: float
+    ) -> _Units:
+        names = list(scores)
+        flat = torch.cat([s.flatten() for s in scores.values()])
+        device = flat.device
+        sizes = torch.tensor([s.numel() for s in scores.values()], device=device)
+        is_matrix = torch.tensor([n in lora_costs for n in names], device=device)
+        structured_cost = torch.tensor(
+            [lora_costs.get(n, s.numel()) for n, s in scores.items()], device=device
+        )
+        threshold = torch.where(is_matrix, structured_cost / alpha, sizes / beta)
+        return cls(names, flat, sizes, sizes.cumsum(0), is_matrix, structured_cost, threshold)
+
+    def structure(self, unit: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Per unit: its count among the top ``k`` ranked entries (``unit``: the unit of each), structured."""
+        counts = torch.bincount(unit[:k], minlength=len(self.names))
+        return counts, counts >= self.threshold
+
+    def cost(self, unit: Tensor, k: int) -> int:
+        counts, structured = self.structure(unit, k)
+        return int(torch.where(structured, self.structured_cost, counts * self.is_matrix).sum())
+
+    def limit(self, unit: Tensor, ranked: int, budget: int) -> int:
+        """The largest k <= ``ranked`` whose structure costs at most ``budget`` (binary search)."""
+        low, high = 0, ranked
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if self.cost(unit, mid) <= budget else (low, mid - 1)
+        return low
+
+
+def _choose(units: _Units, budget: int) -> tuple[Tensor, Tensor]:
+    """The entries tuned individually (flat indices, sorted: the structure's limit k's in non-LoRA
+    matrices, then the fill) and which units are structured at k.
+
+    Ranks only a prefix of the entries (a full sort of a ViT-B is slow on CPU), growing it until it
+    holds both the structure's limit k and the fill."""
+    total, ranked = units.flat.numel(), min(units.flat.numel(), 4 * budget)
+    while True:
+        order = units.flat.topk(ranked).indices  # most sensitive first
+        unit = torch.searchsorted(units.ends, order, right=True)  # the matrix / vector of each ranked entry
+        low = units.limit(unit, ranked, budget)
+        _, structured = units.structure(unit, low)
+        free = units.is_matrix & ~structured
+        left = budget - units.cost(unit, low)
+        rest = order[low:][free[unit[low:]]][:left]
+        if ranked == total or (low < ranked and rest.numel() == left):
+            return torch.cat([order[:low][free[unit[:low]]], rest]).sort().values, structured
+        ranked = min(total, 4 * ranked)
 
 
 def _tunable_vectors(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -8,17 +8,25 @@ fresh k-way head. Other timm models load a user-supplied local checkpoint; nothi
 
 from __future__ import annotations
 
+import functools
+import warnings
 from pathlib import Path
 
 import numpy as np
 import timm
-from timm.models import build_model_with_cfg, generate_default_cfgs, load_state_dict, register_model
+import torch
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    get_pretrained_cfg_value,
+    load_state_dict,
+    register_model,
+)
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from bench.arguments import ATTENTIONS
 from bench.data.embedded import IMG_SIZE, MNIST_MEAN, MNIST_STD
-from bench.run.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
+from bench.settings import ATTENTIONS, EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
 
 # State-dict entries that are not part of a classification backbone: classifier heads (always
 # re-initialised for the downstream task), MoCo v3's momentum encoder and predictor, MAE's decoder.
@@ -148,6 +156,33 @@ def _load_state_dict(model: nn.Module, path: Path) -> None:
             f"{path} does not fit {_arch(model)}: {len(missing)} missing keys {missing[:_SHOW_KEYS]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:_SHOW_KEYS]}"
         )
+
+
+def input_size(name: str, img_size: int | None) -> dict[str, int]:
+    """``img_size`` for timm models built for one input size (ViT, Swin: their position embeddings or
+    windows follow it, a checkpoint's are resampled); convolutional ones take any size and no option."""
+    return {"img_size": img_size} if img_size and get_pretrained_cfg_value(name, "fixed_input_size") else {}
+
+
+@functools.cache
+def checkpoint_problems(name: str, checkpoint: str, img_size: int | None = None) -> tuple[str, ...]:
+    """Why ``checkpoint`` cannot be loaded into timm model ``name`` (unreadable, missing or mis-shaped
+    weights), or nothing: the file is read and loaded into the model built on the meta device, which
+    allocates no weights. Cached per file, so a sweep reads each checkpoint once."""
+    if not timm.is_model(name):
+        return ()  # the unknown name is reported on its own
+    options = (
+        {"img_size": img_size} if img_size and get_pretrained_cfg_value(name, "fixed_input_size") else {}
+    )
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, **options)
+        with warnings.catch_warnings():  # copying into meta parameters is a no-op, and says so
+            warnings.simplefilter("ignore")
+            load_checkpoint(model, checkpoint)
+    except (CheckpointError, FileNotFoundError, OSError, ValueError) as err:
+        return (str(err),)
+    return ()
 
 
 def pretraining_head(name: str, checkpoint: str | Path | None = None) -> nn.Module:

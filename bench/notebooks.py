@@ -23,9 +23,9 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from bench.arguments import NOTEBOOK_RESULTS_ENV as RESULTS_ENV
-from bench.arguments import NOTEBOOK_SMALL_ENV as SMALL_ENV
-from bench.arguments import NOTEBOOKS, parse
+from bench.settings import NOTEBOOK_RESULTS_ENV as RESULTS_ENV
+from bench.settings import NOTEBOOK_SMALL_ENV as SMALL_ENV
+from bench.settings import NOTEBOOKS
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 KERNEL_NAME = "python3"
@@ -92,10 +92,6 @@ def select(names: list[str]) -> list[Path]:
             )
         chosen.append(NOTEBOOK_DIR / matches[0])
     return chosen
-
-
-def main(argv: list[str] | None = None) -> None:
-    run(parse("notebooks", argv))
 
 
 def run(args: argparse.Namespace) -> None:

@@ -21,11 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import RandomCrop
 from tqdm import tqdm
 
-from bench.arguments import parse
 from bench.data.base import TensorImageDataset
 from bench.data.embedded import MNIST_MEAN, MNIST_STD, SPLIT_SEED, load_mnist_split
-from bench.run.config import EMBEDDED_BACKBONE
 from bench.run.train import make_optimizer
+from bench.settings import EMBEDDED_BACKBONE
 
 RECIPE = {
     "optimizer": "adamw (timm: no weight decay on biases, norms, pos_embed, cls_token)",
@@ -79,10 +78,6 @@ def train(model: nn.Module, dataset: Dataset, epochs: int, seed: int) -> float:
         epoch_loss = sum(losses) / len(losses)
         progress.set_postfix(loss=f"{epoch_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     return epoch_loss
-
-
-def main(argv: list[str] | None = None) -> None:
-    run(parse("pretrain", argv))
 
 
 def run(args: argparse.Namespace) -> None:

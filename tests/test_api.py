@@ -23,6 +23,32 @@ def test_snell_config_round_trips_through_dict():
     assert snell.config_from_dict(cfg.to_dict()) == cfg
 
 
+def test_methods_describe_themselves():
+    """Row labels, families, ablation axes and whether the backbone changes come from each config."""
+    cfg = snell.method_config("snell", rank=4, rule="eq5")
+    assert cfg.label({"rank": 4, "rule": "eq5"}) == "snell-4 piecewise_linear s=0.9 rule=eq5"
+    assert cfg.label({"rank": 4, "rule": "eq5"}, named=()) == "snell-4 piecewise_linear s=0.9"
+    snella = snell.method_config("snella", rank=32, sparsity=0.0, target_sparsity=0.3)
+    assert (
+        snella.label({"rank": 32, "sparsity": 0.0, "target_sparsity": 0.3}) == "snella-32 target_sparsity=0.3"
+    )
+    dora = snell.method_config("peft", tuner="dora", lora_alpha=16)
+    assert dora.label({"tuner": "dora", "lora_alpha": 16}) == "peft-dora-8 lora_alpha=16"
+    assert snell.method_config("gps").label({"calibration_batches": 2}) == "gps"
+    assert snell.config_class("peft").family({"tuner": "vera"}) == "peft-vera"
+    assert (
+        snell.config_class("peft").family({}) == "peft-lora"
+        and snell.config_class("lora").family({}) == "lora"
+    )
+    assert snell.config_class("snell").ablation_axes == ("kernel", "rank", "sparsity")
+    assert (
+        snell.config_class("lora").ablation_axes == ("rank",)
+        and snell.config_class("full").ablation_axes == ()
+    )
+    changes = {m: snell.config_class(m).changes_backbone for m in snell.list_methods()}
+    assert [m for m, changed in changes.items() if not changed] == ["linear"]
+
+
 def targets_of(model):
     return [m for m in model.modules() if isinstance(m, snell.AdaptedLinear)]
 

@@ -84,6 +84,33 @@ def test_no_import_cycle_in_the_project():
     assert cycle is None, " -> ".join(cycle)
 
 
+def test_only_the_cli_imports_the_parsers():
+    """Modules import their constants from bench.settings; bench.arguments (the parsers) is the CLI's."""
+    graph = import_graph()
+    assert "bench.arguments" in graph["bench.cli"]  # edges to it are found
+    importers = {m for m, edges in graph.items() if "bench.arguments" in edges} - {"bench.cli"}
+    assert not importers, f"import constants from bench.settings instead: {sorted(importers)}"
+
+
+def test_commands_and_records_import_no_report():
+    """Commands measure and write records; bench.cli renders the report afterwards. No arrow runs from
+    run, memory, perf or records up into report."""
+    graph = import_graph()
+    assert {"bench.report.build", "bench.report.measurements"} <= graph["bench.cli"]  # lazy imports count
+
+    def within(module: str, *packages: str) -> bool:
+        return any(module == p or module.startswith(f"{p}.") for p in packages)
+
+    edges = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if within(module, "bench.run", "bench.memory", "bench.perf", "bench.records")
+        for target in targets
+        if within(target, "bench.report")
+    )
+    assert not edges, f"render reports in bench.cli (Command.report), not in the command: {edges}"
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
@@ -132,3 +159,92 @@ def test_public_functions_of_many_parameters_take_the_rest_by_keyword():
                 if len(positional) > MAX_POSITIONAL:
                     too_many.append(f"{module}.{node.name}({', '.join(positional)})")
     assert not too_many, f"make the later parameters keyword-only (after *): {too_many}"
+
+
+MAX_FUNCTION_LINES = 60
+"""No function or method is longer than this (from its ``def`` line to its last, decorators excluded)."""
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    too_long = []
+    for module, path in project_modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    too_long.append(
+                        f"{module}.{node.name} ({path.relative_to(REPO)}:{node.lineno}, {lines} lines)"
+                    )
+    assert not too_long, f"split into named steps, each at most {MAX_FUNCTION_LINES} lines: {too_long}"
+
+
+METHOD_NAMES_ALLOWED = {"bench/report/paper.py"}
+"""Where the harness may compare a value with a method's name: the paper's tables, whose rows are the
+paper's methods. Everywhere else it asks the method (its config's hooks: ``label``, ``family``,
+``ablation_axes``, ``changes_backbone``)."""
+
+
+def method_names() -> set[str]:
+    """Every registered method's name and every PEFT tuner's (``peft-<tuner>`` families)."""
+    import snell
+    from baselines.hf_peft import TUNERS
+
+    return set(snell.list_methods()) | set(TUNERS)
+
+
+def _literal_strings(node: ast.AST):
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        yield node.value
+    elif isinstance(node, ast.Tuple | ast.List | ast.Set):
+        for element in node.elts:
+            yield from _literal_strings(element)
+
+
+def method_name_comparisons(source: str, names: set[str]) -> list[int]:
+    """Lines of ``source`` that compare a value with a literal one of ``names``: ``==`` / ``!=``, ``in`` /
+    ``not in`` a literal tuple, list or set, ``.startswith`` / ``.endswith`` (``.str``'s too) / ``.isin``,
+    or a ``case``."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            equality = (ast.Eq, ast.NotEq, ast.In, ast.NotIn)
+            operands = (
+                [node.left, *node.comparators] if any(isinstance(o, equality) for o in node.ops) else []
+            )
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            operands = node.args if node.func.attr in ("startswith", "endswith", "isin") else []
+        elif isinstance(node, ast.MatchValue):
+            operands = [node.value]
+        else:
+            continue
+        if {s for operand in operands for s in _literal_strings(operand)} & names:
+            lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def test_the_method_name_check_finds_comparisons():
+    source = (
+        'a = method == "snell"\n'
+        "b = df.method.str.startswith('peft')\n"
+        'c = m in ("full", "other")\n'
+        'd = tuner != "dora"\n'
+        'e = df[df.method.isin(["linear"])]\n'
+        'f = name == "snell-8" or kind in ("x", "y") or "snell" + suffix\n'
+    )
+    assert method_name_comparisons(source, method_names()) == [1, 2, 3, 4, 5]
+
+
+def test_the_harness_asks_methods_instead_of_comparing_their_names():
+    """No module under bench/ picks runs or code paths by comparing a method's name (``method ==
+    "snell"``): a new method would be left out, or taken for another; the method says what it is."""
+    names = method_names()
+    found = []
+    for path in sorted((REPO / "bench").rglob("*.py")):
+        where = path.relative_to(REPO).as_posix()
+        if where not in METHOD_NAMES_ALLOWED:
+            text = path.read_text()
+            lines = text.splitlines()
+            found += [f"{where}:{n}: {lines[n - 1].strip()}" for n in method_name_comparisons(text, names)]
+    assert not found, (
+        "ask the method's config (label, family, ablation_axes, changes_backbone):\n" + "\n".join(found)
+    )

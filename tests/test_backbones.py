@@ -11,8 +11,9 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from bench.backbones import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS, CheckpointError, create_backbone
+from bench.backbones import CheckpointError, create_backbone
 from bench.data import load_mnist_split
+from bench.settings import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
 
 NAME = "vit_tiny_patch16_224"
 SMALL = dict(img_size=32, depth=2)  # 4 patches, 2 blocks: builds in milliseconds

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
+from bench.records.records import REQUIRED_KEYS
 from bench.report.build import build_report, records_frame
-from bench.run.records import REQUIRED_KEYS
 from tests.harness import record_files, run_bench
 
 FIGURES = ["memory_vs_accuracy.png", "kernels.png", "sparsity_per_kernel.png", "rank.png", "step_time.png"]
@@ -22,6 +22,7 @@ def quick_results(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 def test_every_run_recorded_with_the_schema(quick_results):
     records = [json.loads(p.read_text()) for p in record_files(quick_results)]
     assert len(records) == 9 * 2  # 9 method configs x 2 tasks x 1 seed
@@ -42,6 +43,7 @@ def test_every_run_recorded_with_the_schema(quick_results):
         assert r["config"]["train"]["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_tables_and_figures_exist(quick_results):
     summary = pd.read_csv(quick_results / "summary.csv")
     assert {"label", "task", "test_mean", "test_std", "trainable_params", "peak_memory_mib"} <= set(summary)
@@ -57,6 +59,7 @@ def test_tables_and_figures_exist(quick_results):
         assert path.exists() and path.stat().st_size > 10_000, name
 
 
+@pytest.mark.slow
 def test_rerun_reuses_records_and_report_rebuilds(quick_results):
     before = {p.name: p.stat().st_mtime_ns for p in record_files(quick_results)}
     done = run_bench("sweep", "bench/presets/quick.yaml", "--results", str(quick_results), timeout=300)
@@ -68,6 +71,7 @@ def test_rerun_reuses_records_and_report_rebuilds(quick_results):
     assert (quick_results / "summary.csv").exists()
 
 
+@pytest.mark.slow
 def test_runs_that_differ_only_in_training_settings_get_separate_rows(quick_results):
     records = [json.loads(p.read_text()) for p in record_files(quick_results)]
     lora = [r for r in records if r["label"] == "lora-8"]

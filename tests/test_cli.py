@@ -15,6 +15,7 @@ from tests.harness import REPO, run_bench
 HELP_BOUND_S = 3.0  # generous for a loaded CI machine; README quotes the measured figure
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_is_quick_and_imports_no_torch(command):
     start = time.perf_counter()
@@ -43,6 +44,7 @@ def readme_python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run_as_written(tmp_path):
     blocks = readme_python_blocks()
     assert blocks, "README.md has no python block"

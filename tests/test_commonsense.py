@@ -35,8 +35,8 @@ from bench.llm.commonsense import (
 )
 from bench.llm.generate import answer_accuracy, commonsense_accuracy
 from bench.llm.models import create_causal_lm
+from bench.records.records import load_records
 from bench.report.build import build_report, commonsense_table, records_frame
-from bench.run.records import load_records
 from bench.run.runner import run_sweep
 from bench.run.sweep import SweepError, parse_sweep
 from bench.run.train import enable_gradient_checkpointing, train_run
@@ -136,6 +136,7 @@ def swept(tmp_path_factory) -> Path:
     return folder / "results"
 
 
+@pytest.mark.slow
 def test_sweep_records_per_task_accuracy(swept):
     records = load_records(swept)
     assert sorted(r["label"] for r in records) == ["lora-4", "snell-4 piecewise_linear s=0.9"]
@@ -153,6 +154,7 @@ def test_sweep_records_per_task_accuracy(swept):
         assert r["config"]["train"]["gradient_checkpointing"] == (r["config"]["method"] == "snell")
 
 
+@pytest.mark.slow
 def test_report_has_a_per_task_table_and_the_pareto_figure(swept):
     tables = (swept / "tables" / "results.md").read_text()
     assert "## Commonsense reasoning" in tables

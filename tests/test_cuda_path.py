@@ -88,6 +88,7 @@ def report() -> dict:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_cuda_path_gives_the_cpu_paths_outputs_and_gradients(report):
     for case, found in report.items():
         assert max(found["relative_errors"]) <= 1e-5, (case, found["relative_errors"])
@@ -97,6 +98,7 @@ MAX_OPS = 15
 """Issue #13: at most 15 ops per adapted layer for forward + backward on the CUDA path."""
 
 
+@pytest.mark.slow
 def test_cuda_path_dispatches_at_most_15_ops_per_layer(report):
     merged = report["groups=3 s=0.9 dropout=0.0 drop_path=0.0"]["ops"]
     assert len(merged) <= MAX_OPS, merged

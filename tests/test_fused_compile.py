@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("triton")
 
 from bench.perf.fused_compile import RANKS, TARGETS, Spec, compile_spec, ptxas_usage, specs
-from bench.run.measurements import read_measurement
+from bench.records.measurements import read_measurement
 from snell.tuners.snell.fused import RULE_IDS
 from tests.harness import REPO
 
@@ -46,6 +46,7 @@ def compiled(tmp_path_factory) -> tuple[pd.DataFrame, str]:
     return tables["kernels"], (folder / "fused_compile.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_matrix_covers_every_kernel_target_rank_rule_and_weight_dtype(compiled):
     kernels, _ = compiled
     assert len(kernels) == len(TARGETS) * len(specs())
@@ -63,6 +64,7 @@ def test_the_matrix_covers_every_kernel_target_rank_rule_and_weight_dtype(compil
     assert not kernels.duplicated(keys).any()
 
 
+@pytest.mark.slow
 def test_every_specialisation_compiles_without_spills_within_registers_and_shared_memory(compiled):
     kernels, report = compiled
     failed = kernels[kernels.error.fillna("") != ""]

@@ -96,6 +96,7 @@ def fallback() -> dict:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["forward of step 0", "backward of step 1"])
 def test_a_kernel_that_fails_to_compile_warns_once_and_training_matches_the_torch_path(fallback, when):
     case = fallback[when]

@@ -47,6 +47,7 @@ def results(request) -> list[dict]:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_fused_ops_match_an_independent_implementation(results):
     assert len(results) >= 40
     for r in results:
@@ -54,6 +55,7 @@ def test_fused_ops_match_an_independent_implementation(results):
         assert r["rerun_difference"] == 0, r  # deterministic: reruns agree to the bit
 
 
+@pytest.mark.slow
 def test_threshold_on_the_fused_magnitude_is_quantiles_to_the_bit(results):
     assert all(r["threshold_difference"] == 0 for r in results)
 

@@ -10,11 +10,13 @@ import subprocess
 
 import pytest
 
+from bench.cli import main as bench_command
 from bench.perf import gpu_smoke
-from bench.run.measurements import read_measurement
+from bench.records.measurements import read_measurement
 from tests.harness import REPO, bench_cmd
 
 
+@pytest.mark.slow
 def test_gpu_smoke_runs_the_cuda_path_on_a_cpu_and_writes_its_record(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     command = bench_cmd("gpu-smoke", "--device", "cpu", "--precisions", "fp32", "--results", str(tmp_path))
@@ -42,7 +44,7 @@ def test_a_failed_check_fails_the_command_and_names_itself(tmp_path, monkeypatch
     monkeypatch.setattr(gpu_smoke, "STEP_VARIANTS", lora)
     monkeypatch.setattr(gpu_smoke.fused, "available", lambda device: True)  # no interpreter needed
     with pytest.raises(SystemExit) as exit_info:
-        gpu_smoke.main(["--device", "cpu", "--precisions", "fp32", "--results", str(tmp_path)])
+        bench_command(["gpu-smoke", "--device", "cpu", "--precisions", "fp32", "--results", str(tmp_path)])
     message = str(exit_info.value.code)
     assert message.startswith("FAILED fused ops run (F=3 G=3") and "RuntimeError: kernel refused" in message
     _, tables = read_measurement(tmp_path / "gpu-smoke.json")

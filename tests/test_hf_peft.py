@@ -21,7 +21,7 @@ import snell.core.wrap
 from baselines.hf_peft import PEFT_VERSION, TUNERS, PeftMethodConfig
 from baselines.lora import LoraLinear
 from bench.memory.estimate import step_memory
-from bench.run import provenance
+from bench.records import provenance
 from bench.run.config import RunConfig
 from bench.run.sweep import SweepError, parse_sweep
 from bench.step import train_step
@@ -183,6 +183,7 @@ def test_peft_lora_equals_our_lora_with_the_same_factors():
         torch.testing.assert_close(g_theirs[rename.get(name, name)], grad, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_memory_estimate_of_peft_lora_equals_ours_and_dora_vera_estimate():
     """ViT-B/16, batch 8 (fake tensors): PEFT's LoRA-8 is our LoRA-8 with one A on the fused qkv. A
     tuner whose set-up reads tensor values (BOFT's permutation matrices) fails naming the fake tensors."""
@@ -299,6 +300,7 @@ def test_a_tuner_that_does_not_fit_the_model_leaves_it_unchanged(options):
     assert sorted(peft_layers(model)) == sorted(TARGETS)
 
 
+@pytest.mark.slow
 def test_adalora_allocates_its_rank_budget_through_the_training_callback():
     model = peft_model("adalora", **TUNED["adalora"])
     (allocator,) = snell.training_callbacks(model)
@@ -327,6 +329,7 @@ def test_records_name_the_peft_version():
     assert provenance.versions()["peft"] == PEFT_VERSION
 
 
+@pytest.mark.slow
 def test_six_tuners_train_on_the_embedded_backbone_through_a_sweep_file(tmp_path):
     """A sweep file on the embedded benchmark's backbone and data: one record per tuner, each ok, each
     naming the PEFT version that ran it."""

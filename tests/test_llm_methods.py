@@ -184,6 +184,7 @@ def test_llama_family_models_with_the_same_names_work_unchanged(architecture, me
     torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("kernel", snell.list_kernels())
 def test_every_snell_kernel_and_rule_trains_on_a_causal_lm(kernel, rule):

@@ -9,17 +9,19 @@ import shutil
 import pandas as pd
 import pytest
 
+from bench.cli import main as bench_command
 from bench.perf import gpu_check, inference, step_bench
 from bench.perf.inference import PRESETS
-from bench.report.build import main as report_command
 from bench.report.measurements import perf_ratios, render_folder
-from bench.run.config import EMBEDDED_BACKBONE
+from bench.settings import EMBEDDED_BACKBONE
 from tests.harness import REPO
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_on_a_cpu_and_its_report_renders_from_the_record(tmp_path):
     folder = tmp_path / "gpu"
-    gpu_check.main([
+    bench_command([
+        "gpu-check",
         "--device", "cpu", "--model", EMBEDDED_BACKBONE, "--batch-sizes", "2", "--precisions", "fp32",
         "--warmup", "1", "--steps", "2", "--results", str(folder), "--commit", "0123456789abcdef",
         "--llama-model", "llama_tiny", "--llama-batch", "2", "--llama-seq-len", "8",
@@ -44,12 +46,14 @@ def test_gpu_check_script_runs_on_a_cpu_and_its_report_renders_from_the_record(t
     assert b"## Inference after merge" in first and b"| snell-8 merged " in first
     assert b"| snell-32 " in first and b"tokens_per_s" in first
     report.unlink()
-    report_command(["--results", str(tmp_path)])
+    bench_command(["report", "--results", str(tmp_path)])
     assert report.read_bytes() == first
 
 
+@pytest.mark.slow
 def test_step_benchmark_compares_like_for_like_and_with_the_floor(tmp_path):
-    step_bench.main([
+    bench_command([
+        "perf-step",
         "--batch-sizes", "2", "--image-sizes", "32", "--threads", "1", "--rounds", "1", "--warmup", "0",
         "--vit-b-batch-sizes", "--llama-model", "llama_tiny", "--llama-seq-len", "8", "--llama-threads", "1",
         "--results", str(tmp_path),
@@ -81,7 +85,10 @@ def test_merged_models_are_the_frozen_architecture_and_their_throughput_is_recor
     for preset in PRESETS:
         assert [type(m) for m in models[f"{preset} merged"].modules()] == layout
         assert [type(m) for m in models[f"{preset} unmerged"].modules()] != layout
-    inference.main(["--batch-size", "2", "--image-size", "32", "--rounds", "3", "--results", str(tmp_path)])
+    bench_command([
+        "perf-inference", "--batch-size", "2", "--image-size", "32", "--rounds", "3",
+        "--results", str(tmp_path),
+    ])  # fmt: skip
     record = json.loads((tmp_path / "perf-inference.json").read_text())
     rows = {r["model"]: r for r in record["tables"]["inference"]["data"]}
     assert rows["frozen"]["vs_frozen"] == 1.0 and all(

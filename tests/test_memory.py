@@ -14,13 +14,13 @@ import torch
 
 import snell
 from bench.backbones import set_attention
+from bench.cli import main as bench_command
 from bench.memory.estimate import MemoryEstimate, step_memory
-from bench.memory.estimate import main as memory_command
 from bench.memory.paper import METHODS, MODELS, PAPER_MB
-from bench.memory.plots import plot_breakdown, plot_memory_vs_model_size
+from bench.records.measurements import write_measurement
 from bench.report.measurements import render_folder
 from bench.report.memory import attention_table, claims_table
-from bench.run.measurements import write_measurement
+from bench.report.memory_plots import plot_breakdown, plot_memory_vs_model_size
 
 SMALL = "vit_mnist_patch7_28"  # 6 blocks, width 128: a real step takes well under a second
 CONFIGS = {
@@ -96,6 +96,7 @@ def test_bad_attention_is_refused_with_the_allowed_values():
     assert not any(block.attn.fused_attn for block in model.blocks)
 
 
+@pytest.mark.slow
 def test_vit_b16_estimate_allocates_under_1_gb():
     """The estimate itself (not the torch/timm imports before it) stays under 1 GiB of real memory."""
     code = (
@@ -198,7 +199,9 @@ def test_figures_are_written(tmp_path):
 
 
 def test_memory_command_prints_the_estimate_beside_a_real_measurement(capsys):
-    memory_command([SMALL, "--method=lora", '--options={"rank": 4}', "--batch-size=4", "--measure=cpu"])
+    bench_command(
+        ["memory", SMALL, "--method=lora", '--options={"rank": 4}', "--batch-size=4", "--measure=cpu"]
+    )
     out = capsys.readouterr().out
     assert "lora" in out and "activations" in out and "measured: CPU" in out
     ratio = float(out.rsplit("measured / estimate:", 1)[1])

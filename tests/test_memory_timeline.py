@@ -11,7 +11,6 @@ from bench.cli import main as bench_command
 from bench.memory.estimate import step_memory
 from bench.memory.timeline import PHASES, Timeline, keep_indices, points_table, step_timeline
 from bench.methods import preset_config
-from bench.report.build import main as report_command
 from bench.run.measure import MIB
 
 SMALL = "vit_mnist_patch7_28"  # 6 blocks, width 128: a fake step takes well under a second
@@ -86,5 +85,5 @@ def test_command_writes_the_record_and_figure_and_the_report_re_renders_byte_for
     assert b"| full fine-tuning " in first and b"| LoRA-8 " in first and b"memory_timeline.png" in first
     report.unlink()
     figure.unlink()
-    report_command(["--results", str(tmp_path)])
+    bench_command(["report", "--results", str(tmp_path)])
     assert report.read_bytes() == first and figure.is_file()

@@ -15,8 +15,8 @@ import pytest
 
 import snell
 from bench.notebooks import NOTEBOOK_DIR, NOTEBOOKS, execute_notebook
+from bench.records.records import SCHEMA_VERSION, record_path, write_record
 from bench.run.config import RunConfig, TrainConfig
-from bench.run.records import SCHEMA_VERSION, record_path, write_record
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.run.records import (
+from bench.records.records import (
     RecordError,
     load_records,
     read_record,

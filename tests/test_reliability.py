@@ -13,9 +13,9 @@ import torch
 
 import bench.run.train
 import snell
+from bench.records.records import load_records
 from bench.report.build import build_report
 from bench.run.config import RunConfig, TrainConfig
-from bench.run.records import load_records
 from bench.run.runner import run_sweep
 from bench.run.sweep import parse_sweep
 from snell.core import registry
@@ -36,6 +36,7 @@ def sweep_and_reference(tmp_path_factory):
     return sweep, folder / "results"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sig, workers",
     [(signal.SIGKILL, 1), (signal.SIGINT, 1), (signal.SIGINT, 2)],
@@ -123,6 +124,7 @@ def test_out_of_memory_is_recorded_as_oom(tmp_path, monkeypatch):
     assert "OOM" in (tmp_path / "tables" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bit_identical_losses_and_accuracy():
     run = RunConfig("digits", "snell", 0, {"rank": 4}, TrainConfig(**{**FAST_TRAIN, "epochs": 2}))
     first = bench.run.train.train_run(run, progress=False)["metrics"]
@@ -135,6 +137,7 @@ def test_same_seed_gives_bit_identical_losses_and_accuracy():
     assert other_seed["metrics"]["loss_curve"] != first["loss_curve"]
 
 
+@pytest.mark.slow
 def test_two_sweeps_on_one_folder_split_the_work(tmp_path):
     sweep = write_sweep(tmp_path / "s.yaml", GRID, seeds=[0, 1])
     results = tmp_path / "shared"
@@ -149,6 +152,7 @@ def test_two_sweeps_on_one_folder_split_the_work(tmp_path):
     assert len(records) == 6 and all(r["status"] == "ok" for r in records)
 
 
+@pytest.mark.slow
 def test_corrupt_record_stops_the_resume_with_the_file_name(tmp_path):
     run_quick(tmp_path, [{"method": "linear"}])
     (path,) = record_files(tmp_path)
@@ -157,6 +161,7 @@ def test_corrupt_record_stops_the_resume_with_the_file_name(tmp_path):
     assert done.returncode != 0 and path.name in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["rank: 0", "kernel: gauss"])
 def test_bad_config_fails_before_any_run(tmp_path, bad):
     sweep = tmp_path / "bad.yaml"
@@ -166,6 +171,7 @@ def test_bad_config_fails_before_any_run(tmp_path, bad):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_and_incomplete_records_are_all_named_before_any_run(tmp_path):
     sweep = write_sweep(tmp_path / "s.yaml", [{"method": "linear"}], seeds=[0, 1, 2, 3])
     results = tmp_path / "r"
@@ -182,6 +188,7 @@ def test_corrupt_and_incomplete_records_are_all_named_before_any_run(tmp_path):
     assert not paths[3].exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
 def test_read_only_results_folder_fails_at_once_with_one_line(tmp_path):
     sweep = write_sweep(tmp_path / "s.yaml", [{"method": "linear"}])
@@ -195,6 +202,7 @@ def test_read_only_results_folder_fails_at_once_with_one_line(tmp_path):
     assert line.startswith(f"results folder {results / 'records'} is not writable: no write permission")
 
 
+@pytest.mark.slow
 def test_results_folder_that_cannot_be_written_fails_at_once_with_one_line(tmp_path):
     sweep = write_sweep(tmp_path / "s.yaml", [{"method": "linear"}])
     blocker = tmp_path / "file"
@@ -206,6 +214,7 @@ def test_results_folder_that_cannot_be_written_fails_at_once_with_one_line(tmp_p
     assert line.startswith(f"results folder {blocker / 'records'} is not writable")
 
 
+@pytest.mark.slow
 def test_workers_below_one_are_rejected_naming_the_value(tmp_path):
     sweep = write_sweep(tmp_path / "s.yaml", [{"method": "linear"}])
     done = run_bench("sweep", str(sweep), "--workers", "0")

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 import snell
+from bench.records.records import SCHEMA_VERSION, record_path, write_record
 from bench.report.build import build_report
 from bench.run.config import RunConfig, TrainConfig
-from bench.run.records import SCHEMA_VERSION, record_path, write_record
 
 
 def write_run(

@@ -109,6 +109,7 @@ def page(tmp_path_factory) -> tuple[Path, set[str]]:
     return results, set(summary.label)
 
 
+@pytest.mark.slow
 def test_page_loads_shows_every_method_and_the_failures(page, chromium, tmp_path):
     results, labels = page
     dom, console, shot = browse(chromium, (results / "index.html").as_uri(), tmp_path)
@@ -133,6 +134,7 @@ def test_page_loads_shows_every_method_and_the_failures(page, chromium, tmp_path
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 100  # drawn, not blank
 
 
+@pytest.mark.slow
 def test_the_console_check_catches_a_broken_page(chromium, tmp_path):
     broken = tmp_path / "broken.html"
     broken.write_text(
@@ -155,6 +157,7 @@ def _column(dom: str, table: str, index: int) -> tuple[list[str], list[str]]:
     return methods, [row[index] for row in cells]
 
 
+@pytest.mark.slow
 def test_a_header_click_sorts_and_a_method_link_opens_its_runs(page, chromium, tmp_path):
     results, labels = page
     built = (results / "index.html").read_text()
@@ -210,6 +213,7 @@ def test_families_have_fixed_colours_and_labels_do_not_overlap():
             assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1])
 
 
+@pytest.mark.slow
 def test_hovering_a_point_shows_its_label(page, chromium, tmp_path):
     results, _ = page
     hover = (

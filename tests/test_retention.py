@@ -42,6 +42,7 @@ def run_retention(method: str, lr: float) -> float:
     return train_run(RunConfig("digits", method, 0, {}, train), progress=False)["metrics"]["retention_acc"]
 
 
+@pytest.mark.slow
 def test_a_linear_probe_keeps_the_pretrained_accuracy_and_full_fine_tuning_loses_some() -> None:
     before = pretrained_accuracy()
     assert before > 90

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from bench.cli import main as bench_command
 from bench.run import runner, slurm
 from bench.run.sweep import SweepError, load_sweep, parse_sweep
 from tests.harness import comparable, record_files, write_sweep
@@ -30,13 +31,16 @@ def reference(sweep_file, tmp_path_factory):
 
 
 def submitit_sweep(sweep_file, results, *extra: str) -> None:
-    runner.main([str(sweep_file), "--results", str(results), "--no-report"] + SUBMITIT + list(extra))
+    bench_command(
+        ["sweep", str(sweep_file), "--results", str(results), "--no-report"] + SUBMITIT + list(extra)
+    )
 
 
 def submitted(results) -> int:
     return len(list((results / "slurm_logs").glob("*_submitted.pkl")))
 
 
+@pytest.mark.slow
 def test_submitit_jobs_write_the_same_records_as_the_local_runner(sweep_file, reference, tmp_path, capsys):
     submitit_sweep(sweep_file, tmp_path)
     assert submitted(tmp_path) == 2
@@ -62,6 +66,7 @@ def wait_for_claim(path, timeout_s: float = 240) -> dict:
     raise TimeoutError(f"no claim {path} after {timeout_s} s")
 
 
+@pytest.mark.slow
 def test_killed_job_is_resubmitted_alone(sweep_file, reference, tmp_path, capsys):
     runs = load_sweep(sweep_file).runs
     linear, lora = sorted(runs, key=lambda r: r.method)

@@ -113,6 +113,7 @@ def test_share_budget_within_one_of_proportional_floor_when_uncapped():
         assert ((extra >= 0) & (extra <= 1)).all(), (scores, budget, shares)
 
 
+@pytest.mark.slow
 def test_allocator_end_to_end_budgets_shares_and_kept_entries():
     model = snella_model()
     allocator = model.snella_allocator
@@ -332,6 +333,7 @@ def test_bad_config_values_raise(option, value, message):
         snell.method_config("snella", **{option: value})
 
 
+@pytest.mark.slow
 def test_memory_estimates_snella_near_snell_and_gps_above_full():
     """Batch 8: at batch 2 SNELLA-8 is about 6% above SNELL-8 on this small model (its allocator's
     importance and uncertainty of A and B, 2.5 MiB, and the softmax kernel's vjp temporaries)."""

@@ -30,6 +30,7 @@ def random_threshold_cases(count: int = 240):
         yield values, s
 
 
+@pytest.mark.slow
 def test_threshold_is_torch_quantile_bit_for_bit():
     cases = 0
     for rows, s in random_threshold_cases():

@@ -107,7 +107,7 @@ def test_three_mistakes_are_reported_together(tmp_path):
     problems = info.value.problems
     assert len(problems) == 3, problems
     text = str(info.value)
-    assert "unknown key 'rnak' (did you mean 'rank'?)" in text
+    assert "unknown option(s) ['rnak'] for method 'snell' (did you mean 'rank'?)" in text
     assert "sparsity=1.5 must be a number in [0, 1)" in text
     assert "unknown task 'mnist_c'" in text
     assert not (tmp_path / "records").exists()

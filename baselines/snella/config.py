@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
+from snell.core.registry import TuningConfig
 from snell.core.validation import check_probability
 from snell.tuners.snell.config import SnellConfig
 
@@ -19,6 +21,13 @@ class SnellaConfig(SnellConfig):
     ``sparsity``), ``beta1`` / ``beta2`` the smoothing of importance and uncertainty. Unlike SNELL, a
     ratio of 0 still thresholds (at the smallest |dW|), as the public SNELLA does.
     """
+
+    ablation_axes: ClassVar[tuple[str, ...]] = ("rank",)
+    """Its kernel is the method's own and its sparsity only where the allocator starts: its rows are no
+    point of SNELL's kernel or sparsity ablations."""
+    label_head = TuningConfig.label_head
+    """``snella-32 target_sparsity=0.8``: the rank alone heads the label (kernel and sparsity, hidden as in
+    SNELL's, are not spelled: the kernel is the method's own, the sparsity the allocator's start)."""
 
     kernel: str = "piecewise_softmax"
     sparsity: float = 0.01
@@ -44,6 +53,9 @@ class SnellaConfig(SnellConfig):
 class MixkConfig(SnellConfig):
     """MixK: the SNELLA kernel with no sparsification (the public code's ``tuning_model=mixk``, used on
     caltech101 and svhn); SNELL's options otherwise."""
+
+    ablation_axes: ClassVar[tuple[str, ...]] = ("rank",)
+    label_head = TuningConfig.label_head
 
     kernel: str = "piecewise_softmax"
     sparsity: float = 0.0

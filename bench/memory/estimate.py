@@ -17,8 +17,8 @@ stores the frozen weights in bf16 and the trainable ones in float32: mixed-preci
 master weights of what trains (all weights, for full fine-tuning) over a 16-bit frozen base.
 
 The step is training's own (``bench.step.train_step``): ``model.train()``, AdamW over the trainable
-parameters (``foreach=True``, the CUDA default), cross-entropy (a causal LM's: next-token), backward,
-``optimizer.step()``,
+parameters (``bench.step.build_optimizer``, one group, ``foreach=True``, the CUDA default),
+cross-entropy (a causal LM's: next-token), backward, ``optimizer.step()``,
 ``zero_grad(set_to_none=True)``.
 It is measured after optimizer state exists (created by one optimizer step on zero gradients, which
 leaves what a first training step leaves). Counted: tensor bytes only; no CUDA context, allocator
@@ -47,7 +47,6 @@ from torch.profiler import ProfilerActivity, profile
 
 import snell
 from bench import step
-from bench.arguments import parse
 from bench.backbones import check_attention, create_backbone, set_attention
 from bench.llm.models import (
     CAUSAL_LM_CONFIGS,
@@ -62,11 +61,12 @@ from snell.tuners.snell.layer import code_path
 
 ESTIMATE_DEVICE = "estimate: fake tensors on CPU"
 OPTIMIZER = {"lr": 1e-3, "weight_decay": 1e-4, "foreach": True}
+"""``bench.step.build_optimizer``'s settings here: AdamW in one group over the trainable parameters."""
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-"""``frozen_dtype``'s torch dtypes (``bench.arguments.FROZEN_DTYPES``): storage of the frozen weights;
+"""``frozen_dtype``'s torch dtypes (``bench.settings.FROZEN_DTYPES``): storage of the frozen weights;
 whatever trains is float32 either way (mixed precision's master weights)."""
 LM_ATTENTION = {"fused": "sdpa", "explicit": "eager"}
-"""A causal LM's transformers ``attn_implementation`` for each of ``bench.arguments.ATTENTIONS``."""
+"""A causal LM's transformers ``attn_implementation`` for each of ``bench.settings.ATTENTIONS``."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def _setup(
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **OPTIMIZER)
+    optimizer = step.build_optimizer(model, decay_groups=False, **OPTIMIZER)
     for p in optimizer.param_groups[0]["params"]:
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -374,10 +374,6 @@ def format_estimate(estimate: MemoryEstimate) -> str:
     ]
     lines += [f"  {name:<11} {size / MIB:10.1f} MiB" for name, size in estimate.breakdown.items() if size]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    run(parse("memory", argv))
 
 
 def run(args: argparse.Namespace) -> None:

@@ -21,13 +21,12 @@ from typing import Any, NamedTuple
 import pandas as pd
 import torch
 
-from bench.arguments import CHECKPOINTING, parse
 from bench.memory.estimate import ESTIMATE_DEVICE, step_memory
 from bench.memory.paper import LLM_MODELS
 from bench.memory.sweep import in_workers
 from bench.methods import preset_config
-from bench.report.measurements import render_folder
-from bench.run.measurements import write_measurement
+from bench.records.measurements import write_measurement
+from bench.settings import CHECKPOINTING
 
 
 class LlmPoint(NamedTuple):
@@ -92,10 +91,6 @@ def order(frame: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parse("llm-memory", argv))
-
-
 def run(args: argparse.Namespace) -> None:
     todo = points(args)
     start = time.perf_counter()
@@ -122,4 +117,3 @@ def run(args: argparse.Namespace) -> None:
         tables={"points": frame},
         device=torch.device("cpu"),
     )
-    print("wrote", ", ".join(map(str, render_folder(args.results))))

@@ -3,7 +3,7 @@ the ViT sweep is compared with."""
 
 from __future__ import annotations
 
-from bench.arguments import LLM_MEMORY_MODELS, MEMORY_MODELS
+from bench.settings import LLM_MEMORY_MODELS, MEMORY_MODELS
 
 MODELS = MEMORY_MODELS
 METHODS = (
@@ -42,6 +42,6 @@ LLM_METHOD_NAMES = {
     "dora-32 (commonsense)": "DoRA-32",
     "gps": "GPS",
 }
-"""The LLM sweep's presets (``bench.arguments.LLM_MEMORY_METHODS``) -> their names in its table."""
+"""The LLM sweep's presets (``bench.settings.LLM_MEMORY_METHODS``) -> their names in its table."""
 LLM_BASELINE = "lora-32 (commonsense)"
 """The preset every LLM estimate is divided by (same model and checkpointing)."""

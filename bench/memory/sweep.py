@@ -21,12 +21,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from bench.arguments import ATTENTIONS, parse
 from bench.memory.estimate import step_memory
 from bench.memory.paper import METHODS, MODELS
 from bench.methods import preset_config
-from bench.report.measurements import render_folder
-from bench.run.measurements import write_measurement
+from bench.records.measurements import write_measurement
+from bench.settings import ATTENTIONS
 
 
 class Point(NamedTuple):
@@ -86,10 +85,6 @@ def _order(frame: pd.DataFrame) -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parse("memory-sweep", argv))
-
-
 def run(args: argparse.Namespace) -> None:
     if args.measure and not torch.cuda.is_available():
         sys.exit("--measure needs a CUDA device; none is available")
@@ -114,4 +109,3 @@ def run(args: argparse.Namespace) -> None:
         tables={"points": _order(frame)},
         device=torch.device("cuda" if args.measure else "cpu"),
     )
-    print("wrote", ", ".join(map(str, render_folder(args.results))))

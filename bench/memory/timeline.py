@@ -27,12 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.arguments import parse
 from bench.memory.estimate import MemoryEstimate, step_memory
 from bench.methods import preset_config
-from bench.report.measurements import render_folder
+from bench.records.measurements import write_measurement
 from bench.run.measure import MIB, StepMemoryTracker
-from bench.run.measurements import write_measurement
 
 PHASES = ("forward", "backward", "optimizer")
 TIMELINE_PRESETS = {"full": "full", "lora": "lora-8", "snell": "snell-8", "gps": "gps"}
@@ -152,10 +150,6 @@ def points_table(timeline: Timeline, limit: int = MAX_POINTS) -> pd.DataFrame:
     })  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parse("memory-timeline", argv))
-
-
 def run(args: argparse.Namespace) -> None:
     timelines = []
     for name in args.methods:
@@ -193,4 +187,3 @@ def run(args: argparse.Namespace) -> None:
         tables=tables,
         device=torch.device("cpu"),
     )
-    print("wrote", ", ".join(map(str, render_folder(args.results, kinds=("memory-timeline",)))))

@@ -195,19 +195,12 @@ def ptxas_version() -> str:
     return f"{version} ({'bundled with Triton' if bundled else tool.path})"
 
 
-def main(argv: list[str] | None = None) -> None:
-    from bench.arguments import parse
-
-    run(parse("fused-compile", argv))
-
-
 def run(args: argparse.Namespace) -> None:
-    """Compile the matrix, write ``fused-compile.json`` and render ``fused_compile.md``."""
+    """Compile the matrix and write ``fused-compile.json`` (``bench.cli`` renders ``fused_compile.md``)."""
     import torch
     import triton
 
-    from bench.report.measurements import render_folder
-    from bench.run.measurements import write_measurement
+    from bench.records.measurements import write_measurement
 
     tic = time.perf_counter()
     kernels = compile_all(args.workers)
@@ -229,5 +222,3 @@ def run(args: argparse.Namespace) -> None:
         device=torch.device("cpu"),
         commit=args.commit,
     )
-    for path in render_folder(args.results, kinds=("fused-compile",)):
-        print(path.read_text())

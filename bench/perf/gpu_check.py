@@ -32,13 +32,11 @@ from tqdm import tqdm
 
 import snell
 from bench import step
-from bench.arguments import parse
 from bench.backbones import attention_of, create_backbone
 from bench.perf.inference import images_per_second, inference_models
 from bench.perf.variants import Variant, apply_variant
-from bench.report.measurements import render_folder
-from bench.run.measurements import write_measurement
-from bench.run.provenance import device_name
+from bench.records.measurements import write_measurement
+from bench.records.provenance import device_name
 
 MODEL = "vit_base_patch16_224"
 MIB = 2**20
@@ -76,9 +74,7 @@ def stepper(
 ) -> Callable[[], torch.Tensor]:
     """One training step of ``model`` (AdamW over its trainable parameters), synchronised on CUDA; it
     returns the loss."""
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4
-    )
+    optimizer = step.build_optimizer(model, lr=1e-3, weight_decay=1e-4, decay_groups=False)
 
     def run() -> torch.Tensor:
         loss = step.train_step(model, optimizer, inputs, labels, precision=precision, **kwargs)
@@ -208,10 +204,6 @@ def check_inference(batch: int, args: argparse.Namespace) -> pd.DataFrame:
     return table
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parse("gpu-check", argv))
-
-
 def require_device(command: str, device: str) -> None:
     """Exit with a hint when ``device`` is CUDA and there is none; print the device's name."""
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -238,5 +230,3 @@ def run(args: argparse.Namespace) -> None:
         device=torch.device(args.device),
         commit=args.commit,
     )
-    for path in render_folder(args.results):
-        print(path.read_text())

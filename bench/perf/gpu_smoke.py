@@ -27,14 +27,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
-from bench.arguments import parse
+from bench.methods import preset_config
 from bench.perf import gpu_check
 from bench.perf.fused_reference import TOLERANCE, Case, compare
 from bench.perf.variants import Variant
-from bench.report.measurements import render_folder
-from bench.run.config import EMBEDDED_BACKBONE
-from bench.run.measurements import write_measurement
+from bench.records.measurements import write_measurement
+from bench.settings import EMBEDDED_BACKBONE
 from snell.tuners.snell import fused
+from snell.tuners.snell.config import SnellConfig
 from snell.tuners.snell.layer import code_path
 
 CASES = (
@@ -61,7 +61,7 @@ class FusedCalls(TorchDispatchMode):
         self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func.namespace == "snell"
+        self.calls += func.namespace == torch.ops.snell.name  # the library of SNELL's custom ops
         return func(*args, **(kwargs or {}))
 
 
@@ -144,7 +144,7 @@ def step_checks(variant: Variant, row: dict[str, Any]) -> list[dict[str, Any]]:
         check_row("loss finite", where, row["loss"], None, passed=math.isfinite(row["loss"])),
         check_row("gradients finite", where, row["nonfinite_gradients"], 0),
     ]
-    if variant.name.startswith("snell"):
+    if isinstance(preset_config(variant.preset), SnellConfig) and not variant.reference:  # SNELL's own layers
         failure = fused.failure()
         used = row["fused_calls"] > 0 and failure is None
         rows.append(
@@ -153,11 +153,9 @@ def step_checks(variant: Variant, row: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parse("gpu-smoke", argv))
-
-
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> str | None:
+    """Check, and write ``gpu-smoke.json``; returns one line per failed check (``bench.cli`` exits with
+    them once ``gpu_smoke.md`` is written), or None when every check passed."""
     gpu_check.require_device("gpu-smoke", args.device)
     on_cpu = torch.device(args.device).type == "cpu"
     if on_cpu and not fused.available(torch.device("cpu")):
@@ -187,12 +185,10 @@ def run(args: argparse.Namespace) -> None:
         device=torch.device(args.device),
         commit=args.commit,
     )
-    for path in render_folder(args.results, ("gpu-smoke",)):
-        print(path.read_text())
     failed = checks[~checks.passed]
-    if len(failed):
-        raise SystemExit("\n".join(
-            f"FAILED {r.check} ({r.where}): measured {r.measured:.3g}, tolerance {r.tolerance}"
-            + (f"; {r.detail}" if r.detail else "")
-            for r in failed.itertuples()
-        ))  # fmt: skip
+    lines = [
+        f"FAILED {r.check} ({r.where}): measured {r.measured:.3g}, tolerance {r.tolerance}"
+        + (f"; {r.detail}" if r.detail else "")
+        for r in failed.itertuples()
+    ]
+    return "\n".join(lines) or None

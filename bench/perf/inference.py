@@ -27,11 +27,9 @@ import torch
 from torch import Tensor, nn
 
 import snell
-from bench.arguments import parse
 from bench.methods import preset_config
 from bench.perf.step_bench import cpu_vit
-from bench.report.measurements import render_folder
-from bench.run.measurements import write_measurement
+from bench.records.measurements import write_measurement
 
 PRESETS = ("snell-8", "lora-8")
 """The adapters timed merged and unmerged (labels of ``bench.methods.METHOD_PRESETS``)."""
@@ -101,10 +99,6 @@ def images_per_second(models: dict[str, nn.Module], images: Tensor, warmup: int,
     return pd.DataFrame(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parse("perf-inference", argv))
-
-
 def run(args: argparse.Namespace) -> None:
     """Time the CPU models and write the record ``perf-inference.json``."""
     torch.set_num_threads(args.threads)
@@ -123,5 +117,3 @@ def run(args: argparse.Namespace) -> None:
         tables={"inference": table},
         device=torch.device("cpu"),
     )
-    for path in render_folder(args.results, kinds=("perf-inference",)):
-        print(path.read_text())

@@ -38,12 +38,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from bench import step
-from bench.arguments import parse
 from bench.memory.estimate import step_memory
 from bench.methods import preset_config
 from bench.perf.variants import Variant, apply_variant
+from bench.records.measurements import write_measurement
 from bench.run.measure import tracked_step_memory
-from bench.run.measurements import write_measurement
 from snell.tuners.snell.layer import SnellLinear
 
 PATCH_SIZE = 8
@@ -173,7 +172,8 @@ def build(variant: Variant, workload: Workload) -> Setup:
         del snell_model  # only the shapes were needed
         return Setup(variant, lora.model, None, lambda: (lora.step(), extra()))
     model = tuned(variant, workload)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
+    # one group, torch's default decay (0.01): the optimizer the committed records were timed with
+    optimizer = step.build_optimizer(model, lr=1e-3, weight_decay=0.01, decay_groups=False, foreach=True)
     inputs, labels, loss_fn = workload.inputs, workload.labels, workload.loss_fn
     return Setup(
         variant, model, optimizer, lambda: step.train_step(model, optimizer, inputs, labels, loss_fn=loss_fn)
@@ -272,13 +272,7 @@ def settings(args: argparse.Namespace) -> list[Setting]:
     return [Setting(*values) for values in zip(args.batch_sizes, args.image_sizes, args.threads, strict=True)]
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parse("perf-step", argv))
-
-
 def run(args: argparse.Namespace) -> None:
-    from bench.report.measurements import render_folder
-
     rows = [row for setting in settings(args) for row in measure_setting(setting, args)]
     tables = {"steps": pd.DataFrame(rows)}
     if args.llama_model:
@@ -293,5 +287,3 @@ def run(args: argparse.Namespace) -> None:
         tables=tables,
         device=torch.device("cpu"),
     )
-    for path in render_folder(args.results):
-        print(path.read_text() if path.suffix == ".md" else f"wrote {path}")

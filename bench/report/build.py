@@ -10,22 +10,43 @@ with their mean accuracy over test sets as ``test_acc``, plus a table of the acc
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
 from scipy import stats
 
-from bench.arguments import parse
+import snell
 from bench.llm.commonsense import COMMONSENSE_TASKS, is_commonsense_task
-from bench.report.plots import method_family
+from bench.records.records import failure_text, load_records
+from bench.report.plots import ablation_axes, exposes, method_family
 from bench.run.config import TRAIN_DEFAULTS
-from bench.run.records import failure_text, load_records
 
 TASK_COLUMN_ORDER = ("digits", "rotation", "texture")
 
 
+def option_columns() -> list[str]:
+    """The runs table's option columns: every axis a registered method exposes for comparison
+    (``snell.TuningConfig.ablation_axes``), in name order (kernel, rank, sparsity); a run's cell holds its
+    resolved option of that name, if it has one, whether or not its method exposes it."""
+    return sorted({axis for method in snell.list_methods() for axis in ablation_axes(method)})
+
+
+def integer_option_columns() -> list[str]:
+    """The option columns whose default is an integer in every method that exposes them (rank): nullable
+    integers, so that a method without the option leaves an empty cell, not a float beside it."""
+    defaults: dict[str, set[type]] = {}
+    for method in snell.list_methods():
+        fields = {f.name: f.default for f in dataclasses.fields(snell.config_class(method))}
+        for axis in ablation_axes(method):
+            defaults.setdefault(axis, set()).add(type(fields[axis]))
+    return [axis for axis in option_columns() if defaults.get(axis) == {int}]
+
+
 def records_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per run: config, resolved method options, metrics, status and provenance.
+    """One row per run: config, resolved method options (``option_columns``), metrics, status and
+    provenance.
 
     Runs that share a label but not their training settings (an lr sweep) get those settings appended
     to the label (``lora-8 lr=0.003``), so that no table averages different settings together.
@@ -44,9 +65,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "method": r["config"]["method"],
             "family": method_family(r["config"]["method"], method_cfg),
             "seed": r["config"]["seed"],
-            "kernel": method_cfg.get("kernel"),
-            "rank": method_cfg.get("rank"),
-            "sparsity": method_cfg.get("sparsity"),
+            **{axis: method_cfg.get(axis) for axis in option_columns()},
             "status": r["status"],
             "error": r["error"],
             "val_acc": metrics.get("val_acc"),
@@ -69,7 +88,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "git_commit": r["provenance"].get("git_commit"),
             "lr": r["config"]["train"].get("lr"),
         })  # fmt: skip
-    df = pd.DataFrame(rows).astype({"rank": "Int64"})
+    df = pd.DataFrame(rows).astype(dict.fromkeys(integer_option_columns(), "Int64"))
     if df.empty:
         return df
     df["timed_under_load"] = timed_under_load(df)
@@ -110,9 +129,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     only_ok = df.assign(**{c: df[c].where(ok) for c in measured}, ok=ok, loaded=df.timed_under_load & ok)
     summary = only_ok.groupby(["label", "task"]).agg(
         method=("method", "first"),
-        kernel=("kernel", "first"),
-        rank=("rank", "first"),
-        sparsity=("sparsity", "first"),
+        **{column: (column, "first") for column in option_columns()},
         runs=("seed", "count"),
         failures=("status", lambda s: ", ".join(sorted(s[s != "ok"]))),
         test_mean=("test_acc", "mean"),
@@ -218,21 +235,28 @@ def paired_differences(
     return table.round(2)
 
 
-def snell_rows(summary: pd.DataFrame, **fixed) -> pd.DataFrame:
-    """SNELL rows whose resolved options equal ``fixed`` (e.g. rank=8, sparsity=0.9)."""
-    rows = summary[summary.method == "snell"]
+def ablation_rows(summary: pd.DataFrame, axes: Iterable[str], **fixed) -> pd.DataFrame:
+    """Rows of the methods that expose every one of ``axes`` and ``fixed``'s options
+    (``snell.TuningConfig.ablation_axes``: SNELL's kernel, rank, sparsity) whose resolved options equal
+    ``fixed`` (e.g. rank=8, sparsity=0.9)."""
+    rows = summary[exposes(summary.method, [*axes, *fixed])]
     for key, value in fixed.items():
         rows = rows[rows[key] == value]
     return rows
 
 
-def ablation_table(summary: pd.DataFrame, index: str, **fixed) -> pd.DataFrame:
-    """Test accuracy of SNELL against one option (kernel, sparsity, rank), other options fixed."""
-    rows = snell_rows(summary, **fixed)
+def ablation_table(
+    summary: pd.DataFrame, index: str, *, by: Sequence[str] = ("kernel",), **fixed
+) -> pd.DataFrame:
+    """Test accuracy against one option (kernel, sparsity, rank), one row per value of it within each of
+    ``by`` (other than ``index``), other options fixed, over the methods that expose them all (SNELL); the
+    method heads the rows where more than one does."""
+    by = [axis for axis in by if axis != index]
+    rows = ablation_rows(summary, [index, *by], **fixed)
     if rows.empty:
         return pd.DataFrame()
     rows = rows.assign(seeds_ok=rows.seeds_ok.fillna(0), cell=rows.apply(_cell, axis=1))
-    columns = [index] if index == "kernel" else ["kernel", index]
+    columns = (["method"] if rows.method.nunique() > 1 else []) + [*by, index]
     table = rows.pivot_table(index=columns, columns="task", values="cell", aggfunc="first")
     table = table[_task_order(rows.task)]
     table["mean"] = rows.pivot_table(index=columns, columns="task", values="test_mean").mean(axis=1).round(1)
@@ -285,7 +309,6 @@ def build_report(results: str | Path) -> pd.DataFrame:
     """Write summary.csv, runs.csv, tables/*.md, figures/*.png and index.html (the results page) under
     ``results``; returns the summary."""
     from bench.report.html import write_results_page
-    from bench.report.paper import paper_comparison
     from bench.report.plots import draw_all
 
     results = Path(results)
@@ -297,6 +320,20 @@ def build_report(results: str | Path) -> pd.DataFrame:
     (results / "tables").mkdir(parents=True, exist_ok=True)
     df.to_csv(results / "runs.csv", index=False)
     summary.to_csv(results / "summary.csv", index=False)
+    header = _header(df)
+    reference = paired_reference(df)
+    per_test_set = commonsense_table(records, df)
+    header += _notes(reference, per_test_set)
+    tables = _tables(records, df, summary, reference, per_test_set)
+    write_markdown(tables, results / "tables" / "results.md", header)
+    draw_all(df, results / "figures")
+    print(f"report: {results / 'summary.csv'}, {results / 'tables' / 'results.md'}, {results / 'figures'}/")
+    print(f"report: {write_results_page(results, df, summary, tables)}")
+    return summary
+
+
+def _header(df: pd.DataFrame) -> str:
+    """The results page's first lines: runs, devices, commits, load; retention where measured."""
     devices = ", ".join(sorted(df.device.dropna().unique()))
     commits = ", ".join(sorted({c[:10] for c in df.git_commit.dropna()}))
     n_ok = (df.status == "ok").sum()
@@ -313,18 +350,35 @@ def build_report(results: str | Path) -> pd.DataFrame:
             "Retention (%): top-1 of the tuned backbone on its pretraining task with its pretraining head "
             "(PEFT's 'forgetting'; bench.run.retention), mean over tasks and seeds.\n"
         )
-    reference = paired_reference(df)
+    return header
+
+
+def _notes(reference: str | None, per_test_set: pd.DataFrame) -> str:
+    """The header's notes on the paired differences' reference and on commonsense tasks."""
+    notes = ""
     if reference is None:
-        header += "No paired differences: fewer than two methods have a successful run.\n"
+        notes += "No paired differences: fewer than two methods have a successful run.\n"
     elif reference != PAIRED_REFERENCE:
-        header += f"Paired differences are from {reference} ({PAIRED_REFERENCE} has no successful run).\n"
-    per_test_set = commonsense_table(records, df)
+        notes += f"Paired differences are from {reference} ({PAIRED_REFERENCE} has no successful run).\n"
     if not per_test_set.empty:
-        header += (
+        notes += (
             "Commonsense tasks: accuracy (%) of the generated answers; their column in the tables below is "
             "the plain mean over their test sets (the commonsense table has each).\n"
         )
-    tables = {
+    return notes
+
+
+def _tables(
+    records: list[dict],
+    df: pd.DataFrame,
+    summary: pd.DataFrame,
+    reference: str | None,
+    per_test_set: pd.DataFrame,
+) -> dict[str, pd.DataFrame]:
+    """The report's tables by title (an empty one is left out of the Markdown)."""
+    from bench.report.paper import paper_comparison
+
+    return {
         "Methods x tasks": accuracy_table(summary),
         "Beside the SNELL paper (arXiv 2411.01800): our test top-1 and the printed one, per task and in the "
         "paper's averages (VTAB: group means and their mean as Tab. 1, mean over 19 tasks as Tab. A7; FGVC "
@@ -342,11 +396,6 @@ def build_report(results: str | Path) -> pd.DataFrame:
             validation_table(summary)
         ),
     }
-    write_markdown(tables, results / "tables" / "results.md", header)
-    draw_all(df, results / "figures")
-    print(f"report: {results / 'summary.csv'}, {results / 'tables' / 'results.md'}, {results / 'figures'}/")
-    print(f"report: {write_results_page(results, df, summary, tables)}")
-    return summary
 
 
 def run(args: argparse.Namespace) -> None:
@@ -360,7 +409,3 @@ def run(args: argparse.Namespace) -> None:
     for folder in sorted(p for p in results.iterdir() if p.is_dir()):
         for path in render_folder(folder):
             print(f"report: {path}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    run(parse("report", argv))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.memory.paper import LLM_BASELINE, LLM_METHOD_NAMES, LLM_MODELS
-from bench.memory.plots import plot_llm_memory
+from bench.report.memory_plots import plot_llm_memory
 from snell.core.wrap import DEFAULT_TARGETS
 
 BREAKDOWN = {

@@ -1,4 +1,4 @@
-"""Markdown reports rendered from measurement records (``bench.run.measurements``).
+"""Markdown reports rendered from measurement records (``bench.records.measurements``).
 
 The prose of each report is a template in ``bench/report/templates/<kind>.md`` (``string.Template``
 fields: ``$command``, ``$device``, ``$commit``, ``$torch`` and the kind's tables); this module computes
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.records.measurements import KINDS, measurement_path, read_measurement
 from bench.report.llm_memory import render_llm_memory
 from bench.report.memory import render_memory_sweep, render_memory_timeline
-from bench.run.measurements import KINDS, measurement_path, read_measurement
 
 TEMPLATES = Path(__file__).parent / "templates"
 REPORT_NAMES = {

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.arguments import ATTENTIONS
 from bench.memory.estimate import ESTIMATE_DEVICE
 from bench.memory.paper import METHODS, MODELS, PAPER_ATTENTION, PAPER_BATCH, PAPER_MB
-from bench.memory.plots import plot_breakdown, plot_memory_timeline, plot_memory_vs_model_size
+from bench.records.measurements import read_measurement
+from bench.report.memory_plots import plot_breakdown, plot_memory_timeline, plot_memory_vs_model_size
 from bench.report.plots import family_colour, method_family
-from bench.run.measurements import read_measurement
+from bench.settings import ATTENTIONS
 
 
 def _mib(value: float) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.llm.commonsense import COMMONSENSE_TASKS
-from bench.run.records import failure_text
+from bench.records.records import failure_text
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -20,6 +21,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.textpath import TextPath  # noqa: E402
 
+import snell  # noqa: E402
 from bench.llm.commonsense import is_commonsense_task  # noqa: E402
 
 DPI = 150
@@ -50,9 +52,41 @@ FAMILY_COLOURS = {
 and in the HTML page; a family not listed gets one of these by a hash of its name (``family_colour``)."""
 
 
-def method_family(method: str, options: dict) -> str:
-    """A run's family for colours and legends: its method, and for PEFT its tuner (``peft-dora``)."""
-    return f"peft-{options.get('tuner') or 'lora'}" if method == "peft" else method
+def _described(method: str) -> type[snell.TuningConfig] | None:
+    """The config class that describes ``method``; None for one no longer registered (records outlive
+    methods), which is a family of its own, exposes no ablation axes and changes the backbone."""
+    return snell.config_class(method) if method in snell.list_methods() else None
+
+
+def method_family(method: str, options: Mapping[str, Any]) -> str:
+    """A run's family for colours and legends, from its method config's options: the config's
+    (``snell.TuningConfig.family``: its method, and for PEFT its tuner, ``peft-dora``)."""
+    described = _described(method)
+    return method if described is None else described.family(options)
+
+
+def exposes(methods: pd.Series, axes: Iterable[str]) -> pd.Series:
+    """Whether each of ``methods`` exposes every one of ``axes`` (``snell.TuningConfig.ablation_axes``):
+    the runs an ablation over them compares."""
+    axes = set(axes)
+    return methods.map(lambda m: axes <= set(ablation_axes(m))).astype(bool)
+
+
+def ablation_axes(method: str) -> tuple[str, ...]:
+    """The options along which reports compare runs of ``method`` (``snell.TuningConfig.ablation_axes``)."""
+    described = _described(method)
+    return () if described is None else described.ablation_axes
+
+
+def keeps_backbone(methods: pd.Series) -> pd.Series:
+    """Whether each of ``methods`` leaves the backbone's features as pretrained
+    (``snell.TuningConfig.changes_backbone`` False: the linear probe)."""
+    return methods.map(lambda m: (d := _described(m)) is not None and not d.changes_backbone).astype(bool)
+
+
+ABLATION_AXES = ("kernel", "rank", "sparsity")
+"""The options that the kernel, sparsity and rank figures (and tables) vary or fix: they show the runs of
+the methods that expose all three (``exposes``: SNELL)."""
 
 
 def family_colour(family: str) -> str:
@@ -211,9 +245,9 @@ def memory_vs_accuracy(
     _save(fig, path)
 
 
-def kernel_ablation(snell_ok: pd.DataFrame, path: Path) -> None:
+def kernel_ablation(ablated: pd.DataFrame, path: Path) -> None:
     """Test accuracy per kernel (rank 8, sparsity 0.9), one bar per task, error bars over seeds."""
-    data = snell_ok[(snell_ok["rank"] == 8) & (snell_ok.sparsity == 0.9)]
+    data = ablated[(ablated["rank"] == 8) & (ablated.sparsity == 0.9)]
     if data.kernel.nunique() < 2:
         return
     order = data.groupby("kernel").test_acc.mean().sort_values(ascending=False).index
@@ -224,9 +258,9 @@ def kernel_ablation(snell_ok: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
-def sparsity_per_kernel(snell_ok: pd.DataFrame, path: Path) -> None:
+def sparsity_per_kernel(ablated: pd.DataFrame, path: Path) -> None:
     """Test accuracy against sparsity ratio, one line per kernel, one panel per task."""
-    data = snell_ok[snell_ok["rank"] == 8]
+    data = ablated[ablated["rank"] == 8]
     per_kernel = data.groupby("kernel").sparsity.nunique()
     data = data[data.kernel.isin(per_kernel[per_kernel > 1].index)]
     if data.empty:
@@ -241,9 +275,9 @@ def sparsity_per_kernel(snell_ok: pd.DataFrame, path: Path) -> None:
     plt.close(grid.figure)
 
 
-def rank_ablation(snell_ok: pd.DataFrame, path: Path) -> None:
+def rank_ablation(ablated: pd.DataFrame, path: Path) -> None:
     """Test accuracy against rank (sparsity 0.9), one line per task."""
-    data = snell_ok[snell_ok.sparsity == 0.9]
+    data = ablated[ablated.sparsity == 0.9]
     data = data[data.kernel == data.kernel.mode().iloc[0]] if not data.empty else data
     if data["rank"].nunique() < 2:
         return
@@ -277,8 +311,9 @@ def step_time(ok: pd.DataFrame, path: Path) -> None:
 
 def retention(ok: pd.DataFrame, path: Path) -> None:
     """Retention per method (top-1 on the backbone's pretraining task with its pretraining head, mean
-    over tasks and seeds, error bars: std over them), coloured by method family; the linear probe's
-    value, where it ran, marks the untouched backbone."""
+    over tasks and seeds, error bars: std over them), coloured by method family; the value of the methods
+    that keep the backbone's features (``keeps_backbone``: the linear probe), where they ran, marks the
+    untouched backbone."""
     data = ok.dropna(subset=["retention_acc"])
     if data.empty:
         return
@@ -289,7 +324,7 @@ def retention(ok: pd.DataFrame, path: Path) -> None:
         data, y="label", x="retention_acc", hue="family", hue_order=list(palette), palette=palette,
         order=order, errorbar="sd", dodge=False, ax=ax,
     )  # fmt: skip
-    frozen = data[data.method == "linear"].retention_acc
+    frozen = data[keeps_backbone(data.method)].retention_acc
     if not frozen.empty:
         ax.axvline(frozen.mean(), color="0.3", ls="--", lw=1, label="backbone untouched (linear probe)")
     low = max(0.0, data.retention_acc.min() - 5)
@@ -304,7 +339,7 @@ def draw_all(df: pd.DataFrame, out: Path) -> list[Path]:
     their own memory-accuracy figure; the others leave them out."""
     out.mkdir(parents=True, exist_ok=True)
     ok = df[df.status == "ok"]
-    snell_ok = ok[ok.method == "snell"]
+    ablated = ok[exposes(ok.method, ABLATION_AXES)]
     language = ok.task.map(is_commonsense_task).astype(bool)
     commonsense_pareto = functools.partial(
         memory_vs_accuracy, ylabel="mean accuracy over test sets (%)", title="Commonsense reasoning: "
@@ -312,9 +347,9 @@ def draw_all(df: pd.DataFrame, out: Path) -> list[Path]:
     figures = {
         "memory_vs_accuracy.png": (memory_vs_accuracy, ok[~language]),
         "commonsense_memory_vs_accuracy.png": (commonsense_pareto, ok[language]),
-        "kernels.png": (kernel_ablation, snell_ok),
-        "sparsity_per_kernel.png": (sparsity_per_kernel, snell_ok),
-        "rank.png": (rank_ablation, snell_ok),
+        "kernels.png": (kernel_ablation, ablated),
+        "sparsity_per_kernel.png": (sparsity_per_kernel, ablated),
+        "rank.png": (rank_ablation, ablated),
         "step_time.png": (step_time, ok),
         "retention.png": (retention, ok[~language]),
     }

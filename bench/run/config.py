@@ -10,14 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-EMBEDDED_BACKBONE = "vit_mnist_patch7_28"
-EMBEDDED_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / f"{EMBEDDED_BACKBONE}.safetensors"
-"""The committed pretrained weights of the embedded backbone (``python -m bench pretrain`` writes them)."""
+from bench.settings import EMBEDDED_BACKBONE
 
 
 @dataclass(frozen=True)
@@ -72,7 +68,12 @@ class TrainConfig:
     retention_data: str | None = None
 
     def validate(self) -> list[str]:
-        """Problems with these settings, as messages naming the bad value (empty if fine)."""
+        """Problems with these settings, as messages naming the bad value (empty if fine): each field's
+        type (``snell.core.validation.field_type_problems``: "yes" for a bool, NaN for a number), then
+        ranges and relations, one message per field."""
+        from snell.core.validation import field_type_problems
+
+        typed = field_type_problems(self)
         problems = []
         for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "max_new_tokens", "num_beams"):
             value = getattr(self, name)
@@ -106,9 +107,16 @@ class TrainConfig:
             problems.append(f"device={self.device!r}; allowed: auto, cpu, cuda, cuda:N")
         if self.retention_data is not None and not isinstance(self.retention_data, str):
             problems.append(f"retention_data={self.retention_data!r} must be a folder path or null")
+        if not _is_count(self.num_workers):
+            problems.append(f"num_workers={self.num_workers!r} must be an integer >= 0 (0: load in the run)")
+        if isinstance(self.label_smoothing, int | float) and self.label_smoothing >= 1:
+            problems.append(f"label_smoothing={self.label_smoothing!r} must be in [0, 1)")
+        if all(isinstance(v, int | float) for v in (self.lr, self.min_lr)) and self.min_lr > self.lr:
+            problems.append(f"min_lr={self.min_lr!r} is above lr={self.lr!r}: the schedule decays to min_lr")
         if self.protocol not in ("paper", "tune"):
             problems.append(f"protocol={self.protocol!r}; allowed: paper, tune")
-        return problems
+        ranged = {p.split("=", 1)[0] for p in problems}  # their own message says more
+        return [p for p in typed if p.split("=", 1)[0] not in ranged] + problems
 
 
 SCHEDULES = ("cosine", "linear")
@@ -184,31 +192,12 @@ class RunConfig:
 
     @property
     def label(self) -> str:
-        """A short human name for the method with its options, e.g. ``snell-8 piecewise_linear s=0.9``."""
-        return method_label(self.method_config, self.method_options, self.label_options)
+        """A short human name for the method with its options, e.g. ``snell-8 piecewise_linear s=0.9``: the
+        method config's own (``snell.TuningConfig.label``), spelling the options ``label_options`` names."""
+        return self.method_config.label(self.method_options, self.label_options)
 
     @property
     def run_id(self) -> str:
         digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:10]
         slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{self.task}-{self.label}")
         return f"{slug}-seed{self.seed}-{digest}"
-
-
-LABEL_HIDDEN = {"calibration_batches"}
-"""Options that change how a method is set up but not what it is: left out of row names."""
-
-
-def method_label(config: Any, options: dict[str, Any], named: Sequence[str] | None = None) -> str:
-    """Readable name of a method config and the options it was made from, e.g. ``snell-8
-    piecewise_linear s=0.9`` (row names). ``named`` limits the options spelled out after rank, kernel and
-    sparsity (default: every option)."""
-    method, resolved = config.method, config.to_dict()
-    rank = resolved.get("rank")
-    name = f"peft-{resolved['tuner']}" if method == "peft" else method  # e.g. peft-dora-8
-    parts = [f"{name}-{rank}" if rank is not None else name]
-    if method == "snell":
-        parts += [resolved["kernel"], f"s={resolved['sparsity']}"]
-    hidden = {"rank", "kernel", "sparsity", "tuner"} | LABEL_HIDDEN
-    spelled = [k for k in sorted(options) if k not in hidden and (named is None or k in named)]
-    parts += [f"{k}={options[k]}" for k in spelled]
-    return " ".join(parts)

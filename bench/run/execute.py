@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from bench.run.config import RunConfig
-from bench.run.provenance import load_average, provenance
-from bench.run.records import (
+from bench.records.provenance import load_average, provenance
+from bench.records.records import (
     SCHEMA_VERSION,
     RecordError,
     read_record,
@@ -22,6 +21,7 @@ from bench.run.records import (
     try_claim,
     write_record,
 )
+from bench.run.config import RunConfig
 from bench.run.sweep import SweepError
 from bench.run.train import DivergedError, resolve_device, train_run
 

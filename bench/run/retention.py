@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from bench.backbones import pretraining_head
 from bench.data.embedded import retention_digits
 from bench.data.folders import build_retention
-from bench.run.config import EMBEDDED_BACKBONE, TrainConfig
+from bench.run.config import TrainConfig
+from bench.settings import EMBEDDED_BACKBONE
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Run a sweep locally: the unfinished runs, in this process or in worker processes, then the report."""
+"""Run a sweep locally: the unfinished runs, in this process or in worker processes (``bench.cli`` then
+builds the report)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from tqdm.auto import tqdm
 
-from bench.arguments import parse
+from bench.records.records import ResultsFolderError, check_results_folder
 from bench.run.config import RunConfig
 from bench.run.execute import claim_and_execute, pending, print_failures, recorded_statuses
-from bench.run.records import ResultsFolderError, check_results_folder
 from bench.run.sweep import SweepError, load_sweep
 
 
@@ -56,8 +57,10 @@ def run_sweep(
 
 def _in_workers(execute: Callable, runs: list[RunConfig], workers: int) -> Iterator[tuple[str, str]]:
     """(run_id, status) of each run as ``workers`` spawned processes finish them; on any exception here
-    (Ctrl-C included) the workers are ended: their runs in flight stop and their claims go stale."""
+    (Ctrl-C included, and SIGTERM to the sweep, which this turns into one) the workers are ended: their
+    runs in flight stop and their claims go stale, so no worker outlives the sweep."""
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_leave_interrupts_to_the_parent)
+    terminated = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         yield from pool.imap_unordered(execute, [r.to_dict() for r in runs])
         pool.close()
@@ -66,6 +69,13 @@ def _in_workers(execute: Callable, runs: list[RunConfig], workers: int) -> Itera
         raise
     finally:
         pool.join()
+        signal.signal(signal.SIGTERM, terminated)
+
+
+def _refuse(err: Exception) -> NoReturn:
+    """A sweep that cannot start (its file, its results folder): the problems, exit code 2, nothing run."""
+    print(err, file=sys.stderr)
+    sys.exit(2)
 
 
 def _leave_interrupts_to_the_parent() -> None:
@@ -75,35 +85,28 @@ def _leave_interrupts_to_the_parent() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(parse("sweep", argv))
-
-
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> dict[str, str] | None:
+    """Run (or submit) the sweep's unfinished runs; returns the recorded status of each of its runs
+    (run_id -> status, for ``bench.cli`` to report and exit on), or None when there is nothing to report
+    yet: a dry run, or jobs submitted without waiting."""
     from bench.run import slurm
 
     try:
-        sweep = load_sweep(args.sweep)
+        sweep = load_sweep(args.sweep, local=args.executor == "local")
     except SweepError as err:
-        sys.exit(str(err))
+        _refuse(err)
     for line in sweep.merged:
         print(f"merged: {line}")
     if args.dry_run:
         for run_config in sweep.runs:
             print(run_config.run_id)
         print(f"{len(sweep.runs)} runs")
-        return
+        return None
     if args.executor == "local":
         try:
             run_sweep(sweep.runs, args.results, workers=args.workers, retry_failed=args.retry_failed)
         except (SweepError, ResultsFolderError) as err:
-            sys.exit(str(err))
+            _refuse(err)
     elif not slurm.run(sweep, args):
-        return  # submitted without waiting: nothing to report yet
-    if not args.no_report:
-        from bench.report.build import build_report
-
-        build_report(args.results)
-    failed = sorted({s for s in recorded_statuses(sweep.runs, args.results).values() if s != "ok"})
-    if failed:
-        sys.exit(f"the sweep has failed runs ({', '.join(failed)}): the report and their records say why")
+        return None  # submitted without waiting: nothing to report yet
+    return recorded_statuses(sweep.runs, args.results)

@@ -23,11 +23,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from bench.arguments import SLURM_KEYS
+from bench.records.records import read_record, record_path, release_claim, try_claim
 from bench.run.config import RunConfig
 from bench.run.execute import claim_and_execute, pending, print_failures
-from bench.run.records import read_record, record_path, release_claim, try_claim
 from bench.run.sweep import Sweep
+from bench.settings import SLURM_KEYS
 
 DEFAULTS = {"gpus_per_node": 1, "cpus_per_task": 4, "timeout_min": 240}
 """Job settings unless the sweep file's ``slurm:`` or the CLI say otherwise (submitit's time is 5 min)."""

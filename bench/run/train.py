@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from timm.models import get_pretrained_cfg_value
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import Tensor, nn
@@ -27,7 +25,7 @@ from tqdm.auto import tqdm
 
 import snell
 from bench import step
-from bench.backbones import create_backbone
+from bench.backbones import create_backbone, input_size
 from bench.data import Task, build_task
 from bench.llm.commonsense import (
     ALL_ANSWERS,
@@ -166,14 +164,11 @@ def make_optimizer(
     min_lr: float = 0.0,
     schedule: str = "cosine",
 ) -> tuple[torch.optim.Optimizer, Scheduler]:
-    """timm's AdamW over the trainable parameters (no decay on biases, norms, tokens, nor on what the
-    method excludes: ``snell.no_weight_decay``), with a per-step linear warmup from ``warmup_lr`` then
-    cosine (``schedule="cosine"``) or linear (``"linear"``: Hugging Face's linear schedule) decay to
-    ``min_lr`` (timm's schedulers; linear is its polynomial one of power 1)."""
-    model_exclusions = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    excluded = set(model_exclusions) | snell.no_weight_decay(model)
-    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=excluded)
-    optimizer = create_optimizer_v2(groups, "adamw", lr=lr, weight_decay=weight_decay)
+    """AdamW over the trainable parameters (``bench.step.build_optimizer``: no decay on biases, norms,
+    tokens, nor on what the method excludes: ``snell.no_weight_decay``), with a per-step linear warmup
+    from ``warmup_lr`` then cosine (``schedule="cosine"``) or linear (``"linear"``: Hugging Face's linear
+    schedule) decay to ``min_lr`` (timm's schedulers; linear is its polynomial one of power 1)."""
+    optimizer = step.build_optimizer(model, lr=lr, weight_decay=weight_decay)
     shape = {"cosine": CosineLRScheduler, "linear": functools.partial(PolyLRScheduler, power=1.0)}
     scheduler = shape[schedule](
         optimizer,
@@ -240,12 +235,6 @@ def build_classifier(run: RunConfig, device: torch.device) -> Model:
     return Model(net.to(device), task, device)
 
 
-def input_size(backbone: str, img_size: int) -> dict[str, int]:
-    """``img_size`` for timm models built for one input size (ViT, Swin: their position embeddings or
-    windows follow it, a checkpoint's are resampled); convolutional ones take any size and no option."""
-    return {"img_size": img_size} if get_pretrained_cfg_value(backbone, "fixed_input_size") else {}
-
-
 def build_causal_lm(run: RunConfig, device: torch.device) -> CausalLmModel:
     """The commonsense data, its tokenizer and the causal LM, before tuning. A checkpoint folder brings its
     own tokenizer; a model built from its config (``pretrained: false``, random weights under
@@ -272,92 +261,137 @@ def build_causal_lm(run: RunConfig, device: torch.device) -> CausalLmModel:
     return CausalLmModel(net.to(device), task, device, tokenizer=tokenizer, train_ids=train_ids)
 
 
+@dataclass
+class Training:
+    """One run's training under way: the model, its batches, optimizer and learning-rate schedule, and what
+    its steps measured (``train_run`` drives it an epoch at a time)."""
+
+    model: Model
+    cfg: TrainConfig
+    batches: DataLoader
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    criterion: Callable[[Any, Tensor], Tensor]
+    step_times: list[float] = field(default_factory=list)
+    step_cpu_times: list[float] = field(default_factory=list)
+    memory: dict[str, Any] | None = None
+    """The tracked memory of one step (CPU runs: their second, once the optimizer's state exists)."""
+
+    @classmethod
+    def start(cls, model: Model, run: RunConfig) -> Training:
+        """The run's batches (shuffled with its seed) and its optimizer with the warmup and decay of its
+        settings over all its steps (``make_optimizer``)."""
+        cfg = run.train
+        batches = model.train_loader(cfg, run.seed)
+        steps_per_epoch = min(len(batches), cfg.limit_train_batches or len(batches))
+        warmup_steps = cfg.warmup_steps
+        if warmup_steps is None:
+            warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
+        optimizer, scheduler = make_optimizer(
+            model.net,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            total_steps=cfg.epochs * steps_per_epoch,
+            warmup_steps=warmup_steps,
+            warmup_lr=cfg.lr * 1e-3 if cfg.warmup_lr is None else cfg.warmup_lr,
+            min_lr=cfg.min_lr,
+            schedule=cfg.schedule,
+        )
+        return cls(model, cfg, batches, steps_per_epoch, optimizer, scheduler, model.loss_fn(cfg))
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+    def run_epoch(self, epoch: int, bar: tqdm) -> float:
+        """Train epoch ``epoch`` (each step ticks ``bar``), then run the method's epoch-end callbacks; the
+        epoch's mean loss. DivergedError if a loss is not finite or above ``diverge_loss``."""
+        self.model.net.train()
+        losses: list[Tensor] = []
+        for inputs, labels in itertools.islice(self.batches, self.steps_per_epoch):
+            self.run_step((inputs.to(self.model.device), labels.to(self.model.device)), losses)
+            self.scheduler.step_update(epoch * self.steps_per_epoch + len(losses))
+            bar.update()
+        stacked = torch.stack(losses).float()
+        worst = stacked.max().item() if stacked.isfinite().all() else float("nan")
+        if not worst <= self.cfg.diverge_loss:
+            raise DivergedError(
+                f"training loss reached {worst:.4g} in epoch {epoch + 1} "
+                f"(diverge_loss={self.cfg.diverge_loss:g})"
+            )
+        for callback in snell.training_callbacks(self.model.net):
+            callback.on_epoch_end(epoch, self.cfg.epochs)
+        return stacked.mean().item()
+
+    def run_step(self, batch: tuple[Tensor, Tensor], losses: list[Tensor]) -> None:
+        """One training step (``bench.step.train_step``), its loss appended to ``losses``: a CPU run's
+        memory is tracked over one step taken with optimizer state (the second of the first epoch that has
+        two), every other step is timed (wall and process CPU time)."""
+        device = self.model.device
+        one_step = functools.partial(self._train_step, batch, losses)
+        if self.memory is None and losses and device.type == "cpu":
+            self.memory = tracked_step_memory(self.model.net, self.optimizer, one_step)
+            return
+        tic, cpu_tic = time.perf_counter(), time.process_time()
+        one_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.step_times.append(time.perf_counter() - tic)
+        self.step_cpu_times.append(time.process_time() - cpu_tic)
+
+    def _train_step(self, batch: tuple[Tensor, Tensor], losses: list[Tensor]) -> None:
+        net, device = self.model.net, self.model.device
+        step_precision = precision(device, self.cfg.amp)
+        losses.append(
+            step.train_step(net, self.optimizer, *batch, precision=step_precision, loss_fn=self.criterion)
+        )
+
+    def costs(self) -> dict[str, Any]:
+        """What the trained model holds and what its training cost: parameters, adapter size, step times,
+        update rank, the method's callbacks' records, peak memory (CUDA: the allocator's peaks)."""
+        net, device = self.model.net, self.model.device
+        median = median_step_time(self.step_times)
+        metrics = {
+            "trainable_params": snell.count_trainable(net),
+            "tuned_params": snell.count_tuned(net),
+            "total_params": sum(p.numel() for p in net.parameters()),
+            "adapter_bytes": adapter_bytes(net),
+            "step_time_s": median,
+            "step_cpu_s": median_step_time(self.step_cpu_times),
+            "cpu_per_wall": sum(self.step_cpu_times) / sum(self.step_times) if self.step_times else None,
+            "images_per_s": self.cfg.batch_size / median if median else None,
+            "update_rank": mean_update_rank(net),
+        }
+        for callback in snell.training_callbacks(net):
+            metrics |= callback.record()
+        if self.memory is not None:
+            metrics["peak_memory_mib"] = self.memory["peak_mib"]
+            metrics["memory_breakdown_mib"] = self.memory["breakdown_mib"]
+        if device.type == "cuda":
+            metrics["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            metrics["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
+            metrics["peak_memory_mib"] = metrics["cuda_max_allocated_mib"]
+        return metrics
+
+
 def train_run(run: RunConfig, progress: bool = True) -> dict:
     """Train one run to the end and return its metrics; raises DivergedError on a non-finite loss."""
     start = time.perf_counter()
     model = build_model(run)
-    cfg, device, net = run.train, model.device, model.net
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    train_loader = model.train_loader(cfg, run.seed)
-    steps_per_epoch = min(len(train_loader), cfg.limit_train_batches or len(train_loader))
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = cfg.warmup_steps
-    if warmup_steps is None:
-        warmup_steps = math.ceil(cfg.warmup_epochs * steps_per_epoch)
-    warmup_lr = cfg.lr * 1e-3 if cfg.warmup_lr is None else cfg.warmup_lr
-    optimizer, scheduler = make_optimizer(
-        net,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        total_steps=total_steps,
-        warmup_steps=warmup_steps,
-        warmup_lr=warmup_lr,
-        min_lr=cfg.min_lr,
-        schedule=cfg.schedule,
-    )
-    criterion = model.loss_fn(cfg)
-
-    step_precision = precision(device, cfg.amp)
-
-    def record_step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        loss = step.train_step(net, optimizer, *batch, precision=step_precision, loss_fn=criterion)
-        epoch_losses.append(loss)
-
-    loss_curve, step_times, step_cpu_times, memory = [], [], [], None
-    with tqdm(total=total_steps, desc=run.label, unit="step", disable=not progress, leave=False) as bar:
-        for epoch in range(cfg.epochs):
-            net.train()
-            epoch_losses = []
-            for inputs, labels in itertools.islice(train_loader, steps_per_epoch):
-                batch = (inputs.to(device), labels.to(device))
-                if memory is None and epoch_losses and device.type == "cpu":  # optimizer state exists now
-                    memory = tracked_step_memory(net, optimizer, functools.partial(record_step, batch))
-                else:
-                    tic, cpu_tic = time.perf_counter(), time.process_time()
-                    record_step(batch)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    step_times.append(time.perf_counter() - tic)
-                    step_cpu_times.append(time.process_time() - cpu_tic)
-                scheduler.step_update(epoch * steps_per_epoch + len(epoch_losses))
-                bar.update()
-            losses = torch.stack(epoch_losses).float()
-            worst = losses.max().item() if losses.isfinite().all() else float("nan")
-            if not worst <= cfg.diverge_loss:
-                raise DivergedError(
-                    f"training loss reached {worst:.4g} in epoch {epoch + 1} "
-                    f"(diverge_loss={cfg.diverge_loss:g})"
-                )
-            for callback in snell.training_callbacks(net):
-                callback.on_epoch_end(epoch, cfg.epochs)
-            mean_loss = losses.mean().item()
-            loss_curve.append(mean_loss)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}")
-
-    median = median_step_time(step_times)
-    metrics = {
-        "loss_curve": loss_curve,
-        "trainable_params": snell.count_trainable(net),
-        "tuned_params": snell.count_tuned(net),
-        "total_params": sum(p.numel() for p in net.parameters()),
-        "adapter_bytes": adapter_bytes(net),
-        "step_time_s": median,
-        "step_cpu_s": median_step_time(step_cpu_times),
-        "cpu_per_wall": sum(step_cpu_times) / sum(step_times) if step_times else None,
-        "images_per_s": cfg.batch_size / median if median else None,
-        "update_rank": mean_update_rank(net),
-    }
-    for callback in snell.training_callbacks(net):
-        metrics |= callback.record()
-    if memory is not None:
-        metrics["peak_memory_mib"] = memory["peak_mib"]
-        metrics["memory_breakdown_mib"] = memory["breakdown_mib"]
-    if device.type == "cuda":
-        metrics["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        metrics["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
-        metrics["peak_memory_mib"] = metrics["cuda_max_allocated_mib"]
-    metrics |= model.accuracy(cfg)  # last: training's costs are measured (a causal LM merges to generate)
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
+    training = Training.start(model, run)
+    loss_curve = []
+    with tqdm(
+        total=training.total_steps, desc=run.label, unit="step", disable=not progress, leave=False
+    ) as bar:
+        for epoch in range(run.train.epochs):
+            loss_curve.append(training.run_epoch(epoch, bar))
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_curve[-1]:.3f}")
+    metrics = {"loss_curve": loss_curve, **training.costs()}
+    # last: training's costs are measured (a causal LM merges its adapters to generate)
+    metrics |= model.accuracy(run.train)
     metrics["wall_time_s"] = time.perf_counter() - start
     return {"metrics": metrics, "method_config": model.method_config.to_dict()}
 

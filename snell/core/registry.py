@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
+
+from .validation import field_type_problems
 
 Calibration = Iterable[Any] | None
 ApplyFn = Callable[[nn.Module, "TuningConfig", Calibration], "TuningConfig"]
@@ -29,15 +31,28 @@ class TuningConfig:
     open_options: ClassVar[bool] = False
     """True for a method whose ``from_options`` takes options beyond its fields (the ``peft`` family passes
     PEFT's config fields through): callers check its options with ``method_config``, not ``config_fields``."""
+    ablation_axes: ClassVar[tuple[str, ...]] = ()
+    """The options along which reports compare this method's runs (their columns in a results table):
+    SNELL's kernel, rank and sparsity, LoRA's rank, none for full fine-tuning."""
+    changes_backbone: ClassVar[bool] = True
+    """Whether tuning changes the backbone's features: False for a method that trains the head alone (the
+    linear probe), whose retention of the pretraining task is the untouched backbone's."""
+    label_hidden: ClassVar[frozenset[str]] = frozenset({"rank"})
+    """Options that ``label`` does not spell out as ``name=value``: those its head shows (rank) and those
+    that change how a method is set up but not what it is (GPS's and SPT's ``calibration_batches``)."""
     train_head: bool | None = None
     """Train the model's head: None is its family's default (``snell.core.families.trains_head``: a timm
     classifier's new head trains, a causal LM's pretrained lm_head stays frozen)."""
 
     def __post_init__(self) -> None:
+        problems = field_type_problems(self)
+        if problems:
+            raise ValueError(f"method {self.method!r}: " + "; ".join(problems))
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming a bad value and what is allowed (model-independent checks)."""
+        """Raise ValueError naming a bad value and what is allowed (model-independent checks; every
+        field's plain type is checked before, ``field_type_problems``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with the method name, the inverse of ``config_from_dict``."""
@@ -57,13 +72,42 @@ class TuningConfig:
                 f"unknown option(s) {bad} for method {cls.method!r}{did_you_mean}; "
                 f"allowed: {', '.join(allowed)}"
             )
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        return cls(**{k: _as_field_value(v, defaults[k]) for k, v in options.items()})
 
     def without_data(self, model: nn.Module) -> TuningConfig:
         """A config that ``apply`` takes without calibration data and that tunes tensors of the same
         shapes as a data-driven selection would: what a shapes-only memory estimate applies. Methods
         that select from data override it (SPT: a uniform plan; GPS: placeholder selections)."""
         return self
+
+    @classmethod
+    def family(cls, options: Mapping[str, Any]) -> str:
+        """The family a run of this method with ``options`` (its config's fields, or the options it was
+        made from) belongs to in figures and legends: the method's name; PEFT's is its tuner's."""
+        return cls.method
+
+    def label_head(self) -> str:
+        """The start of the row label: the family, and ``-<rank>`` where the config has a rank (``lora-8``,
+        ``peft-dora-8``, ``full``); SNELL adds its kernel and sparsity."""
+        rank = getattr(self, "rank", None)
+        name = self.family(dataclasses.asdict(self))
+        return f"{name}-{rank}" if rank is not None else name
+
+    def label(self, options: Mapping[str, Any], named: Collection[str] | None = None) -> str:
+        """The row label of a run of this config made from ``options`` (as given, e.g. by a sweep grid
+        entry): ``label_head``, then ``name=value`` for each option in ``named`` (None: every option)
+        that ``label_hidden`` does not hide, in name order (``snell-8 piecewise_linear s=0.9 rule=eq5``)."""
+        spelled = [k for k in sorted(options) if k not in self.label_hidden and (named is None or k in named)]
+        return " ".join([self.label_head(), *(f"{k}={options[k]}" for k in spelled)])
+
+
+def _as_field_value(value: Any, default: Any) -> Any:
+    """Lists become tuples; one string given for a tuple-valued option (``targets="*attn.qkv"``) is a
+    tuple of that one string, not of its characters."""
+    if isinstance(value, str) and isinstance(default, tuple):
+        return (value,)
+    return tuple(value) if isinstance(value, list) else value
 
 
 NO_WEIGHT_DECAY = "_no_weight_decay"
@@ -120,6 +164,12 @@ def get_method(name: str) -> MethodSpec:
     return _METHODS[name]
 
 
+def config_class(name: str) -> type[TuningConfig]:
+    """The config class of method ``name``: how the method describes itself to reports without a config
+    being built (``ablation_axes``, ``family``, ``changes_backbone``); ValueError for an unknown name."""
+    return get_method(name).config_cls
+
+
 def config_fields(name: str) -> list[str]:
     """The options ``method_config(name, ...)`` accepts."""
     return [f.name for f in dataclasses.fields(get_method(name).config_cls)]
@@ -128,6 +178,38 @@ def config_fields(name: str) -> list[str]:
 def method_config(name: str, **options: Any) -> TuningConfig:
     """Build and validate a method's config; unknown options raise ValueError naming the allowed ones."""
     return get_method(name).config_cls.from_options(**options)
+
+
+def option_problems(name: str, options: dict[str, Any]) -> list[str]:
+    """Every problem of ``method_config(name, **options)``, one line each (not only the first): an unknown
+    method, unknown options (with a did-you-mean; a method with open-ended options checks them itself),
+    then each option's value on its own, then their combination. Empty when the config builds."""
+    try:
+        spec = get_method(name)
+    except ValueError as err:
+        return [str(err)]
+    try:
+        spec.config_cls.from_options(**options)
+        return []
+    except (ValueError, TypeError) as err:
+        combined = str(err)
+    alone = []
+    for key, value in options.items():
+        try:
+            spec.config_cls.from_options(**{key: value})
+        except (ValueError, TypeError) as err:
+            alone.append(str(err))
+    return list(dict.fromkeys(alone)) or [combined]
+
+
+def list_valued_options(name: str) -> set[str]:
+    """The options of method ``name`` whose value is itself a list (``targets``): in a sweep grid a list
+    of strings is one such value, and a list of lists the alternatives."""
+    fields = dataclasses.fields(get_method(name).config_cls)
+    defaults = {
+        f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory() for f in fields
+    }
+    return {option for option, default in defaults.items() if isinstance(default, list | tuple)}
 
 
 def config_from_dict(data: dict[str, Any]) -> TuningConfig:

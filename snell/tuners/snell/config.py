@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from snell.core.registry import TuningConfig
 from snell.core.validation import check_probability, check_rank, check_targets
@@ -31,6 +31,10 @@ class SnellConfig(TuningConfig):
     intermediates alive (the ablation that shows what the trick saves).
     """
 
+    ablation_axes: ClassVar[tuple[str, ...]] = ("kernel", "rank", "sparsity")
+    label_hidden: ClassVar[frozenset[str]] = TuningConfig.label_hidden | {"kernel", "sparsity"}
+    """Kernel and sparsity are in the label's head (``snell-8 piecewise_linear s=0.9``)."""
+
     rank: int = 8
     kernel: str = "piecewise_linear"
     kernel_options: dict[str, Any] = field(default_factory=dict)
@@ -47,10 +51,13 @@ class SnellConfig(TuningConfig):
     def validate(self) -> None:
         check_rank(self.rank)
         check_kernel_name(self.kernel)
-        check_kernel_options(self.kernel, self.kernel_options)
+        check_kernel_options(self.kernel, self.kernel_options, self.rank)
         check_sparsity(self.sparsity)
         check_rule(self.rule)
         check_qkv_layout(self.qkv)
         check_probability("dropout", self.dropout)
         check_probability("drop_path", self.drop_path)
         check_targets(self.targets)
+
+    def label_head(self) -> str:
+        return f"{super().label_head()} {self.kernel} s={self.sparsity}"

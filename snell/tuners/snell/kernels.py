@@ -86,14 +86,20 @@ def check_kernel_name(name: str) -> None:
         raise ValueError(f"unknown kernel {name!r}; allowed: {', '.join(list_kernels())}")
 
 
-def check_kernel_options(name: str, options: dict) -> None:
-    """Raise ValueError for options the kernel does not take, naming the allowed ones."""
+def check_kernel_options(name: str, options: dict, rank: int | None = None) -> None:
+    """Raise ValueError for options the kernel does not take, naming the allowed ones, and (given the
+    ``rank``) for values it rejects: the kernel is built once, on the CPU, as a run would build it."""
     allowed = kernel_options(name)
     bad = sorted(set(options) - set(allowed))
     if bad:
         raise ValueError(
             f"unknown option(s) {bad} for kernel {name!r}; allowed: {', '.join(allowed) or '(none)'}"
         )
+    if rank is not None:
+        try:
+            _KERNELS[name](rank, **options)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"kernel {name!r} with options {options}: {err}") from err
 
 
 def build_kernel(name: str, rank: int, **options) -> Kernel:

@@ -249,81 +249,127 @@ class KernelSparseLinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, branch_x, weight, a, b, t, scale, index, *kernel_params = ctx.saved_tensors
         layer: SnellLinear = ctx.layer
-        needs = ctx.needs_input_grad
-        wants = needs[4:6] + needs[8:]  # a, b, then the kernel's parameters
-        blocks = layer.blocks(b, gathered=index is not None)
-        single = len(blocks) == 1  # block gradients are the gradients: nothing to accumulate
-        grads = [
-            torch.zeros_like(p) if n and not single else None
-            for p, n in zip((a, b, *kernel_params), wants, strict=True)
-        ]
         merged = branch_x is None
         # Under autocast g may be half precision while x is not: multiply in g's dtype, as autocast would.
         g = grad_out
         if scale is not None:  # the branch's drop-path, on its output gradient
             g = (g.unflatten(-1, (layer.groups, -1)) * scale).flatten(-2)
         source = (x if merged else branch_x).to(g.dtype)
-        unsplit = keep_all(ctx.parts)
-        one_matmul = merged and unsplit  # W0 + S for every sample
-        whole = single and unsplit  # else input gradients accumulate block by block
-        grad_x = torch.zeros_like(source) if merged and needs[0] and not whole else None
-        grad_branch = torch.zeros_like(source) if not merged and needs[1] and not whole else None
-        rows_total = layer.out_features
+        step = _Backward(layer, ctx.parts, weight, (a, b, *kernel_params), t, index, g, source, merged)
+        return step.gradients(grad_out, ctx.needs_input_grad, ctx.x_dtype, branch_x)
+
+
+@dataclass(frozen=True, eq=False)
+class _Backward:
+    """The backward of one ``KernelSparseLinearFn`` step, block by block: ``g`` is the output gradient
+    (the branch's drop-path applied), ``source`` the input of the matmul with S in g's dtype (x merged,
+    else branch_x), ``params`` a, b and the kernel's parameters."""
+
+    layer: SnellLinear
+    parts: list[Part]
+    weight: Tensor
+    params: tuple[Tensor, ...]
+    t: Tensor | None
+    index: Tensor | None
+    g: Tensor
+    source: Tensor
+    merged: bool
+
+    @property
+    def one_matmul(self) -> bool:
+        """W0 + S for every sample."""
+        return self.merged and keep_all(self.parts)
+
+    def gradients(
+        self, grad_out: Tensor, needs: tuple[bool, ...], x_dtype: torch.dtype, branch_x: Tensor | None
+    ) -> tuple:
+        """``KernelSparseLinearFn.backward``'s gradients. Each block's temporaries live until the next
+        block's replace them, the last block's until the end (as the memory estimates count them)."""
+        layer, weight, g, merged = self.layer, self.weight, self.g, self.merged
+        wants = needs[4:6] + needs[8:]  # a, b, then the kernel's parameters
+        blocks = layer.blocks(self.params[1], gathered=self.index is not None)
+        single = len(blocks) == 1  # block gradients are the gradients: nothing to accumulate
+        grads = [
+            torch.zeros_like(p) if n and not single else None for p, n in zip(self.params, wants, strict=True)
+        ]
+        whole = single and keep_all(self.parts)  # else input gradients accumulate block by block
+        grad_x = torch.zeros_like(self.source) if merged and needs[0] and not whole else None
+        grad_branch = torch.zeros_like(self.source) if not merged and needs[1] and not whole else None
         for rows, cols, groups in blocks:
-            overlaps = [(part, *o) for part in ctx.parts if (o := _overlap(rows, part, rows_total))]
-            shape = (_length(rows, rows_total), _length(cols, layer.in_features))
-            t_block = None if t is None else t[groups]
-            factors = layer.a_block(a, rows, cols), layer.b_block(b, rows)
-            entries = None
-            if index is not None:
-                bounds = [span.indices(n)[:2] for span, n in ((rows, rows_total), (cols, layer.in_features))]
-                entries = Entries.from_index(index, layer.in_features, *bounds)
-            update, block_grads = layer.update_vjp(
-                *factors,
-                kernel_params,
-                t_block,
-                WeightGrad(g, source, overlaps, shape, cols, a.dtype),
-                wants,
-                add=weight[rows, cols] if one_matmul else None,
-                entries=entries,
-            )
-            for i, grad in enumerate(block_grads):
-                if grad is None:
-                    continue
-                if single:
-                    grads[i] = grad.reshape((a, b, *kernel_params)[i].shape)
-                elif i == 0:  # a, b: the rows of their block
-                    layer.a_block(grads[0], rows, cols).add_(grad)
-                elif i == 1:
-                    layer.b_block(grads[1], rows).add_(grad)
-                else:
-                    grads[i].add_(grad)
+            overlaps = [(part, *o) for part in self.parts if (o := _overlap(rows, part, layer.out_features))]
+            entries = None  # the previous block's go before this block's are made
+            entries = self._entries(rows, cols)
+            update, block_grads = self._block_vjp(rows, cols, groups, overlaps, entries, wants)
+            self._add_block_grads(grads, block_grads, rows, cols, single)
             if whole:  # one block, every sample: the input gradient is one matmul
                 if needs[0 if merged else 1]:
-                    input_grad = (g.reshape(-1, g.shape[-1]) @ update.to(g.dtype)).view(source.shape)
+                    input_grad = (g.reshape(-1, g.shape[-1]) @ update.to(g.dtype)).view(self.source.shape)
                     grad_x, grad_branch = (input_grad, None) if merged else (grad_x, input_grad)
                 continue
             target = grad_x if merged else grad_branch
-            if target is None:
-                continue
-            for part, absolute, local in overlaps:
-                kept_weight = update[local] if part.scale == 1.0 else update[local].mul_(part.scale)
-                if merged and not one_matmul:
-                    kept_weight.add_(weight[absolute, cols])
-                _accumulate(
-                    target, part.kept, cols, _samples(g, part.kept, absolute), kept_weight.to(g.dtype)
-                )
-                if merged and part.dropped is not None:
-                    frozen = weight[absolute, cols].to(g.dtype)
-                    _accumulate(target, part.dropped, cols, _samples(g, part.dropped, absolute), frozen)
-        if (
-            needs[0] and not merged
-        ):  # the frozen matmul's input gradient, once the blocks' temporaries are gone
+            if target is not None:
+                frozen = self._accumulate_input(target, update, overlaps, cols)  # noqa: F841 (kept alive)
+        if needs[0] and not merged:  # the frozen matmul's input gradient, after the blocks' temporaries
             grad_x = grad_out @ weight.to(grad_out.dtype)
-        grad_x = None if grad_x is None else grad_x.to(ctx.x_dtype)
+        grad_x = None if grad_x is None else grad_x.to(x_dtype)
         grad_branch = None if grad_branch is None else grad_branch.to(branch_x.dtype)
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if needs[3] else None
         return (grad_x, grad_branch, None, grad_bias, grads[0], grads[1], None, None, *grads[2:])
+
+    def _entries(self, rows: slice, cols: slice) -> Entries | None:
+        """The kept entries of a block, where forward recorded them (``index``)."""
+        if self.index is None:
+            return None
+        spans = ((rows, self.layer.out_features), (cols, self.layer.in_features))
+        return Entries.from_index(self.index, self.layer.in_features, *[s.indices(n)[:2] for s, n in spans])
+
+    def _block_vjp(
+        self, rows: slice, cols: slice, groups: slice, overlaps: list, entries: Entries | None, wants
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """S of one block (+ W0's block in the one-matmul form) and its parameters' gradients."""
+        layer = self.layer
+        a, b, *kernel_params = self.params
+        shape = (_length(rows, layer.out_features), _length(cols, layer.in_features))
+        return layer.update_vjp(
+            layer.a_block(a, rows, cols),
+            layer.b_block(b, rows),
+            kernel_params,
+            None if self.t is None else self.t[groups],
+            WeightGrad(self.g, self.source, overlaps, shape, cols, a.dtype),
+            wants,
+            add=self.weight[rows, cols] if self.one_matmul else None,
+            entries=entries,
+        )
+
+    def _add_block_grads(
+        self, grads: list[Tensor | None], block_grads: list[Tensor | None], rows: slice, cols: slice, single
+    ) -> None:
+        """Add one block's parameter gradients to ``grads`` (or take them as they are, one block)."""
+        for i, grad in enumerate(block_grads):
+            if grad is None:
+                continue
+            if single:
+                grads[i] = grad.reshape(self.params[i].shape)
+            elif i == 0:  # a, b: the rows of their block
+                self.layer.a_block(grads[0], rows, cols).add_(grad)
+            elif i == 1:
+                self.layer.b_block(grads[1], rows).add_(grad)
+            else:
+                grads[i].add_(grad)
+
+    def _accumulate_input(self, target: Tensor, update: Tensor, overlaps: list, cols: slice) -> Tensor | None:
+        """target += g (W0 + S / (1 - p)) over one block (g W0 for dropped samples; g S for a branch).
+        Returns the last frozen block in g's dtype, for the caller to keep alive as before the split."""
+        g, weight, frozen = self.g, self.weight, None
+        for part, absolute, local in overlaps:
+            kept_weight = update[local] if part.scale == 1.0 else update[local].mul_(part.scale)
+            if self.merged and not self.one_matmul:
+                kept_weight.add_(weight[absolute, cols])
+            _accumulate(target, part.kept, cols, _samples(g, part.kept, absolute), kept_weight.to(g.dtype))
+            if self.merged and part.dropped is not None:
+                frozen = weight[absolute, cols].to(g.dtype)
+                _accumulate(target, part.dropped, cols, _samples(g, part.dropped, absolute), frozen)
+        return frozen
 
 
 def _length(part: slice, size: int) -> int:

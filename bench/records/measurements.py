@@ -18,8 +18,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from bench.run.provenance import provenance
-from bench.run.records import RecordError, write_json
+from bench.records.provenance import provenance
+from bench.records.records import RecordError, write_json
 
 MEASUREMENT_SCHEMA = 1
 KINDS = (
