@@ -302,11 +302,10 @@ def _entry_runs(
         problems += [p for found in task_problems.values() for p in found]
         tasks = [t for t, found in task_problems.items() if not found]
     runs = []
+    named = tuple(sorted(k for k in entry if k not in ENTRY_KEYS))
     for method in _names(entry["method"], "methods", f"{where}.method", problems):
-        for options in _option_grid(entry, method, defaults, where, problems):
+        for options, resolved in _option_grid(entry, method, defaults, where, problems):
             if train is not None:
-                named = tuple(sorted(k for k in entry if k not in ENTRY_KEYS))
-                resolved = snell.method_config(method, **options)
                 runs += [
                     RunConfig(t, method, s, options, train, named, resolved) for t in tasks for s in seeds
                 ]
@@ -319,10 +318,11 @@ def _is_seed(value: Any) -> bool:
 
 def _option_grid(
     entry: dict, method: str, defaults: dict[str, dict], where: str, problems: list[str]
-) -> list[dict]:
+) -> list[tuple[dict, snell.TuningConfig]]:
     """Every combination of one entry's options for ``method`` (a list multiplies out; for a list-valued
     option such as ``targets`` a list of strings is one value and a list of lists the alternatives), with
-    the method's defaults under them; the combinations that do not form a config become problems."""
+    the method's defaults under them, and its config; the combinations that do not form a config become
+    problems (``snell.option_problems``: each bad option named)."""
     list_valued = snell.list_valued_options(method) if method in snell.list_methods() else set()
     grid = {}
     for key, value in entry.items():
@@ -335,10 +335,10 @@ def _option_grid(
     combos = []
     for values in itertools.product(*grid.values()):
         options = {**defaults.get(method, {}), **dict(zip(grid, values, strict=True))}
-        found = snell.option_problems(method, options)
-        problems += [f"{where} ({method}): {p}" for p in found]
-        if not found:
-            combos.append(options)
+        try:
+            combos.append((options, snell.method_config(method, **options)))
+        except (ValueError, TypeError):
+            problems += [f"{where} ({method}): {p}" for p in snell.option_problems(method, options)]
     return combos
 
 

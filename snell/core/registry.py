@@ -72,7 +72,7 @@ class TuningConfig:
                 f"unknown option(s) {bad} for method {cls.method!r}{did_you_mean}; "
                 f"allowed: {', '.join(allowed)}"
             )
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        defaults = _field_defaults(cls)
         return cls(**{k: _as_field_value(v, defaults[k]) for k, v in options.items()})
 
     def without_data(self, model: nn.Module) -> TuningConfig:
@@ -100,6 +100,14 @@ class TuningConfig:
         that ``label_hidden`` does not hide, in name order (``snell-8 piecewise_linear s=0.9 rule=eq5``)."""
         spelled = [k for k in sorted(options) if k not in self.label_hidden and (named is None or k in named)]
         return " ".join([self.label_head(), *(f"{k}={options[k]}" for k in spelled)])
+
+
+def _field_defaults(cls: type[TuningConfig]) -> dict[str, Any]:
+    """Each field's default value (a default factory's product)."""
+    return {
+        f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(cls)
+    }
 
 
 def _as_field_value(value: Any, default: Any) -> Any:
@@ -205,10 +213,7 @@ def option_problems(name: str, options: dict[str, Any]) -> list[str]:
 def list_valued_options(name: str) -> set[str]:
     """The options of method ``name`` whose value is itself a list (``targets``): in a sweep grid a list
     of strings is one such value, and a list of lists the alternatives."""
-    fields = dataclasses.fields(get_method(name).config_cls)
-    defaults = {
-        f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory() for f in fields
-    }
+    defaults = _field_defaults(get_method(name).config_cls)
     return {option for option, default in defaults.items() if isinstance(default, list | tuple)}
 
 
