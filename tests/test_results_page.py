@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from bench.report.build import build_report
-from bench.report.plots import family_colour, method_family, place_labels
+from bench.report.methods import method_family
+from bench.report.plots import family_colour, place_labels
 from tests.harness import REPO
 
 COPIED = ("full", "linear", "gps", "lora-8", "spt-lora-8", "snella-8", "peft-dora-8", "peft-vera-256")

@@ -20,7 +20,7 @@ from scipy import stats
 import snell
 from bench.llm.commonsense import COMMONSENSE_TASKS, is_commonsense_task
 from bench.records.records import failure_text, load_records
-from bench.report.plots import ablation_axes, exposes, method_family
+from bench.report.methods import ablation_axes, exposes, method_family
 from bench.run.config import TRAIN_DEFAULTS
 
 TASK_COLUMN_ORDER = ("digits", "rotation", "texture")

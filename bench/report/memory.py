@@ -17,7 +17,8 @@ from bench.memory.estimate import ESTIMATE_DEVICE
 from bench.memory.paper import METHODS, MODELS, PAPER_ATTENTION, PAPER_BATCH, PAPER_MB
 from bench.records.measurements import read_measurement
 from bench.report.memory_plots import plot_breakdown, plot_memory_timeline, plot_memory_vs_model_size
-from bench.report.plots import family_colour, method_family
+from bench.report.methods import method_family
+from bench.report.plots import family_colour
 from bench.settings import ATTENTIONS
 
 

@@ -1,17 +1,16 @@
 """Figures from the runs table (``report.records_frame``): one function per figure, seaborn style.
 
 Every figure (and the HTML page, ``bench.report.html``) colours a run by its method family
-(``method_family``) with one fixed colour per family (``family_colour``).
+(``bench.report.methods.method_family``) with one fixed colour per family (``family_colour``).
 """
 
 from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -21,8 +20,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.textpath import TextPath  # noqa: E402
 
-import snell  # noqa: E402
 from bench.llm.commonsense import is_commonsense_task  # noqa: E402
+from bench.report.methods import ABLATION_AXES, exposes, keeps_backbone  # noqa: E402
 
 DPI = 150
 
@@ -50,43 +49,6 @@ FAMILY_COLOURS = {
 }
 """One fixed colour per method family (matplotlib's tab10, then tab20's light shades), in every figure
 and in the HTML page; a family not listed gets one of these by a hash of its name (``family_colour``)."""
-
-
-def _described(method: str) -> type[snell.TuningConfig] | None:
-    """The config class that describes ``method``; None for one no longer registered (records outlive
-    methods), which is a family of its own, exposes no ablation axes and changes the backbone."""
-    return snell.config_class(method) if method in snell.list_methods() else None
-
-
-def method_family(method: str, options: Mapping[str, Any]) -> str:
-    """A run's family for colours and legends, from its method config's options: the config's
-    (``snell.TuningConfig.family``: its method, and for PEFT its tuner, ``peft-dora``)."""
-    described = _described(method)
-    return method if described is None else described.family(options)
-
-
-def exposes(methods: pd.Series, axes: Iterable[str]) -> pd.Series:
-    """Whether each of ``methods`` exposes every one of ``axes`` (``snell.TuningConfig.ablation_axes``):
-    the runs an ablation over them compares."""
-    axes = set(axes)
-    return methods.map(lambda m: axes <= set(ablation_axes(m))).astype(bool)
-
-
-def ablation_axes(method: str) -> tuple[str, ...]:
-    """The options along which reports compare runs of ``method`` (``snell.TuningConfig.ablation_axes``)."""
-    described = _described(method)
-    return () if described is None else described.ablation_axes
-
-
-def keeps_backbone(methods: pd.Series) -> pd.Series:
-    """Whether each of ``methods`` leaves the backbone's features as pretrained
-    (``snell.TuningConfig.changes_backbone`` False: the linear probe)."""
-    return methods.map(lambda m: (d := _described(m)) is not None and not d.changes_backbone).astype(bool)
-
-
-ABLATION_AXES = ("kernel", "rank", "sparsity")
-"""The options that the kernel, sparsity and rank figures (and tables) vary or fix: they show the runs of
-the methods that expose all three (``exposes``: SNELL)."""
 
 
 def family_colour(family: str) -> str:
